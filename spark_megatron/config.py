@@ -1,0 +1,313 @@
+"""Typed configuration tree for a SPARK run.
+
+Each component receives only its own dataclass (ModelConfig to the model provider, RolloutConfig to the rollout
+engine, ...). A recipe is YAML mirroring this tree; `key.sub=value` overrides on the command line are applied on
+top. Unknown keys are rejected with a suggestion, values are coerced to the field's declared type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config tree."""
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""
+    """HF checkpoint directory (config.json + safetensors + tokenizer). `tiny:<name>` builds a tiny random model."""
+    megatron_path: Optional[str] = None
+    """Optional pre-converted Megatron dist-checkpoint to load instead of converting `hf_path` on the fly."""
+    params_dtype: str = "float32"
+    """Parameter/compute dtype of the actor: float32 | bfloat16 | float16."""
+    fp8: Optional[str] = None
+    """Transformer Engine FP8 recipe on Hopper: None | delayed | tensorwise | blockwise (GPU + TE only)."""
+    freeze_vision: bool = False
+    """VL models: keep the vision encoder frozen (no grads, no optimizer state)."""
+    recompute_activations: bool = False
+    """Full activation recomputation per layer (saves memory at ~30% extra compute)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size of the actor (must divide heads, KV groups and the padded vocab)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages of the actor (must divide the number of layers)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline chunks per stage (None = plain 1F1B)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (GPU with TE only)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (Megatron DistributedOptimizer)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocab padding unit (multiplied by TP), as in Megatron-LM."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"
+    """Rollout engine: vllm | hf (HF transformers generate, for cross-checks)."""
+    n: int = 8
+    """Rollouts per prompt (GRPO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 8192
+    max_response_tokens: int = 768
+    tensor_parallel_size: int = 1
+    """TP size of each vLLM engine (may differ from the actor's)."""
+    colocate: bool = True
+    """Actor and vLLM share GPUs (vLLM sleeps during training); False = separate rollout ranks."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take in colocated mode."""
+    kv_cache_memory_bytes: Optional[int] = None
+    """Explicit KV-cache size (required on CPU, where the default takes most of RAM)."""
+    sync_bucket_mb: int = 512
+    """Weight-sync bucket size in MiB; one bucket of extra memory at a time."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / torch.compile in vLLM (faster startup, slower decode)."""
+
+
+@dataclass
+class RecycleConfig:
+    enabled: bool = True
+    """Build judgment/reflection tasks from policy rollouts (False = plain GRPO)."""
+    schedule: str = "alternate"
+    """alternate: a separate reward-period update when the queue holds a full batch; mixed: into the policy batch."""
+    judge_input: str = "answer"
+    """What the judge sees of a response: answer | cot | both."""
+    pointwise_prob_mixed: float = 0.3
+    """Mixed groups: probability of a pointwise (vs pairwise) judgment sample."""
+    max_judgment_per_step: int = 32
+    max_reflection_per_step: int = 32
+    reflection_full_cot_prob: float = 0.5
+    """Reflection samples that show the full chain of thought (the rest show only the final answer)."""
+    label_style: str = "yes_no"
+    """Pointwise label phrasing: yes_no | ab."""
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_eps: float = 1e-9
+    """Epsilon in (r - mean) / (std + eps)."""
+    adv_std_unbiased: bool = True
+    """Unbiased (n-1) std in the group normalisation, as the reference code does."""
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 1e-3
+    kl_estimator: str = "k3"
+    """k1 | k2 | k3 estimator of KL(policy || reference)."""
+    loss_agg: str = "token-mean"
+    """token-mean (global token count) | seq-mean-token-mean | seq-mean-token-sum."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap for train/rollout logprob mismatch (None = off)."""
+    format_reward_weight: float = 0.0
+    recycle: RecycleConfig = field(default_factory=RecycleConfig)
+
+
+@dataclass
+class DataConfig:
+    train_files: list = field(default_factory=list)
+    """Spark-Data JSON/JSONL files or `hf:<dataset dir>`; `synthetic:arith` is the built-in toy task."""
+    prompts_per_step: int = 64
+    epochs: int = 1
+    shuffle: bool = True
+    on_bad_record: str = "fail"
+    """fail: stop at the first bad record; skip: skip and report the count per file."""
+    image_max_pixels: int = 12845056
+    image_min_pixels: int = 3136
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-7
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    micro_batch_size: int = 1
+    """Sequences per micro-batch in the actor's forward/backward."""
+    train_batch_size: int = 64
+    """Sequences per optimizer step (the rollouts of a step are split into such mini-batches)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 50
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_last: int = 2
+    resume: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: Optional[str] = None
+    """None disables wandb; otherwise logs to this project."""
+    wandb_mode: str = "offline"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    executor: str = "local"
+    """local (torchrun on this node) | slurm."""
+    nodes: int = 1
+    gpus_per_node: int = 1
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    time_limit: str = "04:00:00"
+    container_image: Optional[str] = None
+    container_mounts: list = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    total_steps: int = 0
+    """0 = run `data.epochs` full epochs."""
+    warmup_sft_steps: int = 0
+    """Supervised warm-up steps on ground-truth answers before RL (quickstart only)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, choices, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(choices), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+        try:
+            num = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}") from None
+        if tp is int and num != int(num):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return tp(num)
+    if tp is str:
+        return str(value)
+    if origin in (list, dict) or tp in (list, dict):
+        want = origin or tp
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, want):
+            raise ConfigError(f"config key '{key}' expects a {want.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    types = _field_types(cls)
+    kwargs = {}
+    for k, v in (data or {}).items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in types:
+            raise _unknown(key, types, f"section '{prefix or 'root'}'")
+        kwargs[k] = _coerce(v, types[k], key)
+    return cls(**kwargs)
+
+
+def apply_override(cfg, dotted: str, value: Any) -> None:
+    """Set `a.b.c=value` on a config tree in place, coercing to the declared type."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, p in enumerate(parts):
+        types = _field_types(type(node))
+        if p not in types:
+            raise _unknown(dotted, types, f"section '{'.'.join(parts[:i]) or 'root'}'")
+        if i == len(parts) - 1:
+            if isinstance(value, str) and typing.get_origin(types[p]) is None and dataclasses.is_dataclass(types[p]):
+                raise ConfigError(f"config key '{dotted}' is a section, not a value")
+            setattr(node, p, _coerce(value, types[p], dotted))
+        else:
+            node = getattr(node, p)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
+
+
+def parse_overrides(items: list) -> list:
+    """['a.b=1', ...] -> [('a.b', '1'), ...]; YAML scalars are parsed (1e-3, true, [a, b])."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> RunConfig:
+    """Load a YAML recipe (or defaults) and apply `key=value` overrides."""
+    data = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        cfg = _build(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") if path else e
+    for k, v in parse_overrides(overrides or []):
+        apply_override(cfg, k, v)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

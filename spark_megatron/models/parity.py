@@ -1,0 +1,108 @@
+"""Numerical parity of a Megatron model against its HF `transformers` oracle.
+
+Each pipeline stage runs the real Megatron schedule, records the output of each of its layers (global
+index) and, on the last stage, the full-vocab logits; the HF model runs the same tokens. Diffs are computed
+where the data lives and all-gathered, so rank 0 can print one report for any TP/PP layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ParityReport:
+    logits_max_abs_diff: float = float("nan")
+    hidden_max_abs_diff: dict = field(default_factory=dict)
+    """global layer index -> max |megatron - hf| of that layer's output ('final_norm' for the last norm)."""
+
+    @property
+    def worst(self) -> float:
+        vals = [self.logits_max_abs_diff] + list(self.hidden_max_abs_diff.values())
+        return max(v for v in vals if v == v)
+
+    def lines(self) -> list:
+        out = [f"logits max abs diff: {self.logits_max_abs_diff:.3e}"]
+        for k in sorted(self.hidden_max_abs_diff, key=lambda x: (isinstance(x, str), x)):
+            out.append(f"layer {k} hidden max abs diff: {self.hidden_max_abs_diff[k]:.3e}")
+        return out
+
+
+def _capture_layer_outputs(model, store: dict) -> list:
+    handles = []
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return handles
+    for layer in decoder.layers:
+        idx = layer.layer_number - 1
+
+        def hook(_m, _inp, out, idx=idx):
+            t = out[0] if isinstance(out, tuple) else out
+            store[idx] = t.detach().transpose(0, 1).float().clone()  # [s, b, h] -> [b, s, h]
+
+        handles.append(layer.register_forward_hook(hook))
+    if getattr(decoder, "final_layernorm", None) is not None:
+        def norm_hook(_m, _inp, out):
+            store["final_norm"] = out.detach().transpose(0, 1).float().clone()
+
+        handles.append(decoder.final_layernorm.register_forward_hook(norm_hook))
+    return handles
+
+
+@torch.no_grad()
+def megatron_forward(model, tokens: torch.Tensor, vocab_size: int):
+    """tokens [b, s] -> (logits [b, s, vocab] on the last stage else None, {layer: hidden [b, s, h]})."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from spark_megatron.train.schedule import MicroBatch, run_schedule
+
+    hidden: dict = {}
+    handles = _capture_layer_outputs(model, hidden)
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+
+    def collect_logits(output, _mb):
+        return gather_from_tensor_model_parallel_region(output)[..., :vocab_size].float().clone()
+
+    model.eval()
+    try:
+        outs = run_schedule([model], [MicroBatch(tokens, pos)], collect_logits, forward_only=True, collect=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return (outs[0] if outs else None), hidden
+
+
+@torch.no_grad()
+def hf_forward(hf_model, tokens: torch.Tensor):
+    """tokens [b, s] -> (logits [b, s, vocab], {layer: hidden}) with HF's hidden_states re-indexed per layer."""
+    out = hf_model(input_ids=tokens, output_hidden_states=True)
+    hs = out.hidden_states  # [emb, after layer 0, ..., after layer L-2, final_norm(after layer L-1)]
+    layers = {i: hs[i + 1].float() for i in range(len(hs) - 2)}
+    layers["final_norm"] = hs[-1].float()
+    return out.logits.float(), layers
+
+
+def compare_stage(model, hf_model, tokens: torch.Tensor, vocab_size: int) -> ParityReport:
+    """Diff this rank's stage against HF, then merge every rank's findings (all ranks must call)."""
+    import torch.distributed as dist
+
+    m_logits, m_hidden = megatron_forward(model, tokens, vocab_size)
+    h_logits, h_hidden = hf_forward(hf_model, tokens)
+    local = ParityReport()
+    if m_logits is not None:
+        local.logits_max_abs_diff = (m_logits - h_logits).abs().max().item()
+    for k, v in m_hidden.items():
+        if k not in h_hidden:  # HF exposes the last layer only after the final norm ('final_norm')
+            continue
+        local.hidden_max_abs_diff[k] = (v - h_hidden[k]).abs().max().item()
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, local)
+    merged = ParityReport()
+    for r in reports:
+        if r.logits_max_abs_diff == r.logits_max_abs_diff:
+            merged.logits_max_abs_diff = max(r.logits_max_abs_diff, merged.logits_max_abs_diff) \
+                if merged.logits_max_abs_diff == merged.logits_max_abs_diff else r.logits_max_abs_diff
+        for k, v in r.hidden_max_abs_diff.items():
+            merged.hidden_max_abs_diff[k] = max(v, merged.hidden_max_abs_diff.get(k, 0.0))
+    return merged

@@ -1,0 +1,1 @@
+"""Process groups, the CPU/gloo compatibility layer, and vocab-parallel helpers."""
