@@ -83,15 +83,26 @@ class RecycleConfig:
     schedule: str = "alternate"
     """alternate: a separate reward-period update when the queue holds a full batch; mixed: into the policy batch."""
     judge_input: str = "answer"
-    """What the judge sees of a response: answer | cot | both."""
+    """What the judge sees of a response: answer | cot | both (the CoT plus its final answer) | mixed (each
+    sample shows the answer or the CoT with equal chance: the paper's best answer+CoT data mix)."""
     pointwise_prob_mixed: float = 0.3
     """Mixed groups: probability of a pointwise (vs pairwise) judgment sample."""
     max_judgment_per_step: int = 32
+    """Most pointwise + pairwise samples kept per step (seeded random subset); negative = no cap."""
     max_reflection_per_step: int = 32
+    """Most reflection samples kept per step; negative = no cap."""
     reflection_full_cot_prob: float = 0.5
     """Reflection samples that show the full chain of thought (the rest show only the final answer)."""
     label_style: str = "yes_no"
-    """Pointwise label phrasing: yes_no | ab."""
+    """Pointwise label phrasing: yes_no | ab (A = correct, B = incorrect) | both (each sample 50/50)."""
+    reward_batch_size: int = 0
+    """Recycled prompts per reward-period update (alternate schedule); 0 = data.prompts_per_step."""
+    max_reward_batches_per_step: int = 1
+    """Most reward-period updates run after one policy step (bounds the time spent draining a backlog)."""
+    mixed_max_per_step: int = 0
+    """Mixed schedule: most recycled prompts appended to one policy batch; 0 = the reward batch size."""
+    queue_max_size: int = 0
+    """Most samples the FIFO queue holds (oldest dropped and counted beyond it); 0 = unbounded."""
 
 
 @dataclass
@@ -110,6 +121,15 @@ class AlgorithmConfig:
     tis_cap: Optional[float] = None
     """Truncated importance sampling cap for train/rollout logprob mismatch (None = off)."""
     format_reward_weight: float = 0.0
+    """w in reward = (1 - w) * accuracy + w * format (a boxed answer is present); 0 = the reference's 0/1."""
+    perception_reward_weight: float = 0.0
+    """Vision-SR1 perception reward weight (1.0 in Vision-SR1); 0 = off."""
+    adv_estimator: str = "grpo"
+    """Advantage estimator by name: grpo | grpo_mean_only (no std division)."""
+    verify_timeout_s: float = 5.0
+    """Per-answer limit on the math-equivalence check; an answer past it counts wrong (timed_out)."""
+    verify_workers: int = 2
+    """Verifier worker processes (killed at the timeout); 0 = in-process (signal timer, main thread only)."""
     recycle: RecycleConfig = field(default_factory=RecycleConfig)
 
 
@@ -163,13 +183,50 @@ class LaunchConfig:
     executor: str = "local"
     """local (torchrun on this node) | slurm."""
     nodes: int = 1
+    """Nodes of the job (local: must be 1)."""
     gpus_per_node: int = 1
+    """GPUs per node = torchrun processes per node (on CPU: gloo ranks per node)."""
     account: Optional[str] = None
+    """Slurm account (`#SBATCH --account`); required for slurm."""
     partition: Optional[str] = None
+    """Slurm partition (`#SBATCH --partition`)."""
     time_limit: str = "04:00:00"
+    """Slurm wall-clock limit (`#SBATCH --time`); longer runs resume from checkpoints (checkpoint.resume)."""
     container_image: Optional[str] = None
+    """Pyxis/enroot image for srun (registry#image:tag or a .sqsh path); None runs on the bare node."""
     container_mounts: list = field(default_factory=list)
+    """Pyxis mounts 'src:dst' (model, data and output directories must be visible inside the container)."""
     env: dict = field(default_factory=dict)
+    """Extra environment variables exported for every rank."""
+    gpu_arch: str = "hopper"
+    """Target GPU architecture: hopper | blackwell | ada | ampere | cpu. FP8 recipes require hopper."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one device in GiB, the planner's budget (H100 80, H200 141)."""
+    container_has_te: bool = True
+    """The target environment provides Transformer Engine (needed for fp8 and sequence parallelism)."""
+    model_config: Optional[str] = None
+    """HF config.json the planner reads when model.hf_path is not readable on the launching machine
+    (configs/models/*.json mirror the public configs)."""
+    rollout_gpus: int = 0
+    """GPUs reserved for vLLM when rollout.colocate is false (the actor gets the rest); 0 when colocated."""
+    job_name: str = "spark-train"
+    """Experiment title / Slurm job-name suffix."""
+    qos: Optional[str] = None
+    """Slurm QoS (`#SBATCH --qos`), if the cluster uses one."""
+    exclusive: bool = True
+    """Request whole nodes (`#SBATCH --exclusive`)."""
+    tunnel: str = "local"
+    """How NeMo-Run reaches Slurm: local (running on a login node) | ssh (from a workstation)."""
+    ssh_host: Optional[str] = None
+    """Login node for tunnel=ssh."""
+    ssh_user: Optional[str] = None
+    """User on the login node for tunnel=ssh."""
+    ssh_identity: Optional[str] = None
+    """Private key for tunnel=ssh (None: ssh-agent / default keys)."""
+    remote_job_dir: Optional[str] = None
+    """Directory on the cluster's shared filesystem for NeMo-Run job files (required for tunnel=ssh)."""
+    nemo_run_dir: Optional[str] = None
+    """Where NeMo-Run keeps experiment metadata locally (default <output_dir>/nemo_run)."""
 
 
 @dataclass

@@ -74,17 +74,31 @@ class HFCheckpointReader:
         return sum((self.dir / f).stat().st_size for f in self._handles)
 
 
-def global_param_names(model, layer_prefix: str = "decoder.layers.") -> Iterator[tuple]:
-    """Yield (global_name, param) for a Megatron stage: local layer indices become global ones."""
-    offsets = {}
-    decoder = getattr(model, "decoder", None)
-    if decoder is not None:
-        for i, layer in enumerate(decoder.layers):
-            offsets[i] = layer.layer_number - 1
+def _layer_stacks(model) -> dict:
+    """'<path>.layers.' -> {local index: global index} for every megatron TransformerBlock-like stack."""
+    stacks = {}
+    for path, mod in model.named_modules():
+        layers = getattr(mod, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and layers and all(hasattr(m, "layer_number") for m in layers):
+            stacks[f"{path}.layers." if path else "layers."] = {i: m.layer_number - 1 for i, m in enumerate(layers)}
+    return stacks
+
+
+def global_param_names(model, layer_prefix: Optional[str] = None) -> Iterator[tuple]:
+    """Yield (global_name, param) for a Megatron stage: local layer indices become global ones.
+
+    Every layer stack is renumbered (`decoder.layers.` of a GPTModel; `language_model.decoder.layers.` and
+    `vision_model.decoder.layers.` of a VL stage); `layer_prefix` restricts renumbering to one stack.
+    """
+    stacks = _layer_stacks(model)
+    if layer_prefix is not None:
+        stacks = {layer_prefix: stacks.get(layer_prefix, {})}
     for name, p in model.named_parameters():
-        if name.startswith(layer_prefix):
-            idx, _, tail = name[len(layer_prefix):].partition(".")
-            name = f"{layer_prefix}{offsets[int(idx)]}.{tail}"
+        for prefix, offsets in stacks.items():
+            if name.startswith(prefix):
+                idx, _, tail = name[len(prefix):].partition(".")
+                name = f"{prefix}{offsets[int(idx)]}.{tail}"
+                break
         yield name, p
 
 

@@ -96,12 +96,18 @@ def quick_check(prediction: str, ground_truth: str) -> Optional[bool]:
     return None
 
 
+def _drop_full_stop(text: str) -> str:
+    """"6." -> "6": a sentence's full stop inside the box makes math-verify fail to parse (but keep "...")."""
+    s = text.strip()
+    return s[:-1] if s.endswith(".") and not s.endswith("..") and len(s) > 1 else s
+
+
 def math_equivalent(prediction: str, ground_truth: str) -> bool:
     """math-verify parse + verify with its internal (signal) timeouts off; bound the call from outside."""
     from math_verify import parse, verify  # imported lazily: sympy costs ~1 s at import
 
-    gold = parse("\\boxed{" + ground_truth + "}", parsing_timeout=None)
-    pred = parse("\\boxed{" + prediction + "}", parsing_timeout=None)
+    gold = parse("\\boxed{" + _drop_full_stop(ground_truth) + "}", parsing_timeout=None)
+    pred = parse("\\boxed{" + _drop_full_stop(prediction) + "}", parsing_timeout=None)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=None))
@@ -174,6 +180,17 @@ def pool_check(item: tuple) -> bool:
         return bool((comparator or math_equivalent)(prediction, ground_truth))
     except Exception:
         return False
+
+
+_WARM_UP_PAIRS = (("\\frac{1}{2}", "0.5"), ("(x+1)(x+2)", "x^2+3x+2"), ("[1,2)", "(1,2]"),
+                  ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"), ("x=3", "3"))
+
+
+def warm_up() -> None:
+    """Exercise the LaTeX parser and sympy's simplification once (about 1 s of one-off cost in a fresh process),
+    so that cost never lands on an answer's timeout."""
+    for prediction, ground_truth in _WARM_UP_PAIRS:
+        pool_check((prediction, ground_truth, None))
 
 
 def is_correct(prediction: Optional[str], ground_truth: str, timeout_s: Optional[float] = 5.0) -> bool:

@@ -1,0 +1,112 @@
+"""Run a conversion on TP x PP ranks: in this process under torchrun, otherwise on spawned gloo ranks.
+
+Rank functions report user errors (bad checkpoint, mapping mismatch, layout) as values rather than raising,
+after every rank has agreed on them, so the caller gets the original one-line error instead of a traceback
+of a rank failure, and no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from spark_megatron.models.mapping import MappingError
+from spark_megatron.models.qwen2 import ModelSpecError
+from spark_megatron.models.weights import CheckpointError
+
+USER_ERRORS = (ModelSpecError, MappingError, CheckpointError)
+_BY_NAME = {"ModelSpecError": ModelSpecError, "MappingError": MappingError, "CheckpointError": CheckpointError}
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def memory_stats() -> dict:
+    """This process's current and peak resident memory in bytes (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    import psutil
+
+    return {"rss_bytes": psutil.Process().memory_info().rss,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def error_value(e: BaseException) -> tuple:
+    """A picklable stand-in for a user error; the most specific known base class decides the type."""
+    for cls in USER_ERRORS:
+        if isinstance(e, cls):
+            return ("error", cls.__name__, str(e))
+    raise e
+
+
+def raise_if_error(value) -> None:
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "error":
+        raise _BY_NAME[value[1]](value[2])
+
+
+def agree(status) -> None:
+    """Collective: raise on every rank the first rank's user error (status = None or an error_value)."""
+    import torch.distributed as dist
+
+    statuses = [None] * dist.get_world_size()
+    dist.all_gather_object(statuses, status)
+    for s in statuses:
+        raise_if_error(s)
+
+
+def run_layout(fn: Callable, world: int, *args, timeout_s: float = 3600) -> list:
+    """Run `fn(rank, world, *args)` on `world` ranks; returns per-rank results (only this rank's under torchrun).
+
+    Results that are error values are re-raised as their user-error type.
+    """
+    if under_torchrun():
+        env_world = int(os.environ["WORLD_SIZE"])
+        if env_world % world:
+            raise ModelSpecError(f"torchrun WORLD_SIZE {env_world} is not a multiple of TP x PP = {world}")
+        rank = int(os.environ["RANK"])
+        results = [None] * env_world
+        results[rank] = fn(rank, env_world, *args)
+    else:
+        from spark_megatron.parallel.spawn import run_on_ranks
+
+        results = run_on_ranks(fn, world, *args, timeout_s=timeout_s)
+    for r in results:
+        raise_if_error(r)
+    return results
+
+
+def run_cli(fn: Callable, *args, **kwargs) -> int:
+    """Call a conversion entry point; user errors become one `error: ...` line on stderr and exit code 2."""
+    import sys
+
+    from spark_megatron.parallel.spawn import RankFailure
+
+    try:
+        fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RankFailure as e:  # a bug, not bad input: keep the rank's traceback
+        print(f"error: a conversion rank failed\n{e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (no output written)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '4096' -> bytes (decimal units, as HF's max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            num = t[: -len(suffix)].strip()
+            try:
+                return int(float(num) * units[suffix])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise ModelSpecError(f"invalid size '{text}' (use e.g. 5GB, 500MB or a byte count)") from None

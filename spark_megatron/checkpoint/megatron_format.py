@@ -1,0 +1,253 @@
+"""The project's Megatron checkpoint format, shared by conversion and the trainer.
+
+A directory holds:
+- a `megatron.core.dist_checkpointing` checkpoint (torch_dist backend) whose top-level sharded state dict is
+  `{"model": stage.sharded_state_dict()}` (one key per model chunk, `model0..` under virtual pipelining) plus
+  whatever the trainer adds beside it ("optimizer", ...); dist_checkpointing stores tensors by global key, so
+  the checkpoint loads at any TP/PP whose padded vocab matches;
+- `spark_meta.json` (:class:`CheckpointMeta`): family, the full HF config, the layout it was saved at, ...;
+- copies of the HF tokenizer / generation / processor files, so HF export needs nothing but this directory.
+
+Every rank calls save/load; the directory appears atomically (temp dir + rename by rank 0 after a barrier).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from spark_megatron.checkpoint import atomic
+from spark_megatron.models.weights import CheckpointError
+
+FORMAT_VERSION = 1
+META_FILE = "spark_meta.json"
+AUX_FILE_PATTERNS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                     "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                     "processor_config.json", "chat_template*")
+"""HF side files copied verbatim next to the weights (everything a loader needs except config and tensors)."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What `spark_meta.json` records about a Megatron checkpoint."""
+
+    family: str
+    """ModelFamily name (e.g. 'qwen2'); the HF config's architecture picks the family on load."""
+    hf_config: dict
+    """The full HF config.json dict of the model (written back verbatim on HF export)."""
+    padded_vocab_size: int
+    """Rows of the Megatron embedding/output layer (true vocab padded); must match the loading layout."""
+    dtype: str
+    """Parameter dtype the tensors were saved in: float32 | bfloat16 | float16."""
+    tp: int = 1
+    """Tensor-parallel size at save time (informational: loading reshards)."""
+    pp: int = 1
+    """Pipeline-parallel size at save time (informational: loading reshards)."""
+    step: Optional[int] = None
+    """Training step of a trainer checkpoint; None for a conversion."""
+    extra: dict = field(default_factory=dict)
+    """Trainer-owned JSON-serialisable fields (consumed samples, data cursor, ...)."""
+    format_version: int = FORMAT_VERSION
+    """Version of this directory layout."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+
+def read_meta(ckpt_dir) -> CheckpointMeta:
+    """Read and validate `spark_meta.json`; CheckpointError naming the file on any problem."""
+    path = Path(ckpt_dir) / META_FILE
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"{ckpt_dir}: Megatron checkpoint directory does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no {META_FILE} (not a spark_megatron Megatron checkpoint)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this code reads "
+                              f"{FORMAT_VERSION})")
+    known = {f.name for f in dataclasses.fields(CheckpointMeta)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown field '{unknown[0]}'")
+    try:
+        return CheckpointMeta(**raw)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def copy_aux_files(src_dir, dst_dir) -> list:
+    """Copy tokenizer / generation / processor files from an HF (or Megatron) dir; returns the names copied."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    copied = []
+    for pattern in AUX_FILE_PATTERNS:
+        for p in sorted(src.glob(pattern)):
+            if p.is_file() and p.name not in copied:
+                shutil.copy2(p, dst / p.name)
+                copied.append(p.name)
+    return copied
+
+
+def model_state_keys(chunks) -> list:
+    """Top-level keys of the model chunks: ['model'] for one stage, ['model0', 'model1', ...] for VPP."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _as_chunks(stage) -> list:
+    return list(stage) if isinstance(stage, (list, tuple)) else [stage]
+
+
+def model_sharded_state_dict(stage) -> dict:
+    chunks = _as_chunks(stage)
+    return {k: c.sharded_state_dict() for k, c in zip(model_state_keys(chunks), chunks)}
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast(obj):
+    """Rank 0's value on every rank (identity outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_temp_dir(out_dir, force: bool):
+    """Rank 0 validates the output and creates the temp dir; every rank gets the path or the same error."""
+    result = None
+    if _rank() == 0:
+        try:
+            out = atomic.check_output_dir(out_dir, force)
+            atomic.remove_stale_temps(out)
+            tmp = atomic.temp_dir_for(out)
+            atomic.discard(tmp)
+            tmp.mkdir()
+            result = ("ok", str(tmp))
+        except CheckpointError as e:
+            result = ("error", type(e).__name__, str(e))
+    result = _broadcast(result)
+    if result[0] == "error":
+        raise (atomic.OutputExistsError if result[1] == "OutputExistsError" else CheckpointError)(result[2])
+    return Path(result[1])
+
+
+def use_in_process_write_queue() -> None:
+    """For processes that only save synchronously (conversions): skip megatron's lazily spawned Manager.
+
+    megatron's torch_dist writer passes per-file results through a `spawn`-context Manager queue so that an
+    async writer process can report back; starting that Manager costs 2-10 s per process (a fresh interpreter,
+    slower with several ranks per core). A synchronous save produces and consumes the results in this process,
+    where a thread queue is equivalent. Do not call this in processes that use async checkpoint saving.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "missing") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def save_sharded_checkpoint(sharded_state_dict: dict, out_dir, meta: CheckpointMeta, aux_from=None,
+                            force: bool = False) -> Path:
+    """Save any sharded state dict (the trainer adds 'optimizer' etc. beside 'model') in this format.
+
+    All ranks call. `aux_from`: directory whose tokenizer/generation/processor files are copied along.
+    """
+    from megatron.core import dist_checkpointing
+
+    tmp = prepare_temp_dir(out_dir, force)
+    status = ("ok", "")
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        _barrier()
+        if _rank() == 0:
+            try:
+                (tmp / META_FILE).write_text(meta.to_json())
+                if aux_from is not None:
+                    copy_aux_files(aux_from, tmp)
+                atomic.commit(tmp, out_dir, force)
+            except (OSError, CheckpointError) as e:
+                status = ("error", f"{out_dir}: could not publish checkpoint ({e})")
+        status = _broadcast(status)
+    except BaseException:
+        if _rank() == 0:
+            atomic.discard(tmp)
+        raise
+    if status[0] == "error":
+        if _rank() == 0:
+            atomic.discard(tmp)
+        raise CheckpointError(status[1])
+    return Path(out_dir)
+
+
+def current_layout() -> tuple:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+
+
+def save_megatron_checkpoint(stage, out_dir, meta: CheckpointMeta, aux_from=None, force: bool = False) -> Path:
+    """Save this rank's model stage (or list of VPP chunks); `meta.tp/pp` are set from the parallel state."""
+    meta.tp, meta.pp = current_layout()
+    return save_sharded_checkpoint(model_sharded_state_dict(stage), out_dir, meta, aux_from, force)
+
+
+def _local_padded_vocab(chunks) -> Optional[int]:
+    """Padded vocab of this rank's stage (None on stages without embedding or output layer)."""
+    tp, _ = current_layout()
+    for c in chunks:
+        for attr in ("embedding", "output_layer"):
+            mod = getattr(c, attr, None)
+            if mod is None:
+                continue
+            weight = mod.word_embeddings.weight if attr == "embedding" else mod.weight
+            if weight is not None:
+                return weight.shape[0] * tp
+    return None
+
+
+def load_megatron_checkpoint(stage, ckpt_dir) -> CheckpointMeta:
+    """Load the model part of a checkpoint into this rank's stage at the current TP/PP; returns its meta.
+
+    Other top-level entries (optimizer, ...) are ignored, so a trainer checkpoint loads model-only here.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    meta = read_meta(ckpt_dir)
+    chunks = _as_chunks(stage)
+    local_vocab = _local_padded_vocab(chunks)
+    if local_vocab is not None and local_vocab != meta.padded_vocab_size:
+        raise CheckpointError(f"{ckpt_dir}: saved with padded vocab {meta.padded_vocab_size}, this layout "
+                              f"pads to {local_vocab} (choose a TP that divides the padding unit)")
+    sharded = model_sharded_state_dict(chunks)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
+    except (CheckpointingException, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt_dir}: cannot load model weights ({type(e).__name__}: {first[:300]})") \
+            from None
+    for key, chunk in zip(model_state_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
+    return meta

@@ -1,0 +1,176 @@
+"""NeMo-Run experiments for a recipe: torchrun under a LocalExecutor (one node) or a SlurmExecutor (Pyxis).
+
+Every rank runs `python -m spark_megatron.launch.train_entry --config <resolved recipe>`. The resolved recipe
+(overrides applied) travels inside the NeMo-Run job directory, which Slurm mounts at /nemo_run in the
+container, so the job does not depend on the launching machine's checkout. A plain `run.Packager` ships no code:
+the container image carries the installed package (see Dockerfile).
+
+`--dryrun` renders everything NeMo-Run would submit without submitting: the sbatch script (Slurm) and the exact
+torchrun command are copied into `<output_dir>/launch/<experiment id>/` next to the resolved recipe.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from spark_megatron.config import to_dict
+
+TRAIN_MODULE = "spark_megatron.launch.train_entry"
+TASK_NAME = "train"
+CONFIG_NAME = "spark_config.yaml"
+DEFAULT_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # Megatron's TP/SP overlap relies on in-order kernel launch
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class LaunchError(RuntimeError):
+    """NeMo-Run is missing or the experiment could not be built / submitted."""
+
+
+@dataclass
+class LaunchArtifacts:
+    """What `launch` wrote (and, unless dry-run, submitted)."""
+
+    experiment_id: str
+    experiment_dir: Path
+    """NeMo-Run's experiment directory (job metadata, the original sbatch script)."""
+    artifacts_dir: Path
+    """<output_dir>/launch/<experiment id>: copies for the user."""
+    resolved_config: Path
+    command: str
+    """The torchrun command every node runs."""
+    command_file: Path
+    sbatch_script: Optional[Path]
+    """Slurm only: copy of the rendered sbatch script."""
+    submitted: bool
+
+
+def nemo_run():
+    """Import nemo_run on demand (only launch code paths need it)."""
+    try:
+        import nemo_run as run
+    except ImportError as e:
+        raise LaunchError(f"`spark-megatron launch` needs nemo-run (pip install 'spark_megatron[launch]' or "
+                          f"nemo-run==0.11.1): {e}") from None
+    return run
+
+
+def job_env(cfg) -> dict:
+    env = dict(DEFAULT_ENV)
+    env["WANDB_MODE"] = cfg.logging.wandb_mode
+    env.update({str(k): str(v) for k, v in (cfg.launch.env or {}).items()})
+    return env
+
+
+def container_mounts(cfg) -> list:
+    """The recipe's mounts plus the output directory when no mount covers it (results must outlive the
+    container)."""
+    mounts = list(cfg.launch.container_mounts or [])
+    out = cfg.output_dir
+    dsts = [m.split(":")[1] for m in mounts if ":" in m]
+    if os.path.isabs(out) and not any(out == d or out.startswith(d.rstrip("/") + "/") for d in dsts):
+        mounts.append(f"{out}:{out}")
+    return mounts
+
+
+def _tunnel(run, lc, base_dir: Path):
+    if lc.tunnel == "ssh":
+        return run.SSHTunnel(host=lc.ssh_host, user=lc.ssh_user, job_dir=lc.remote_job_dir,
+                             identity=lc.ssh_identity)
+    # job_dir = NeMo-Run's experiments root, so the tunnel's job paths equal the local experiment directory
+    return run.LocalTunnel(job_dir=str(base_dir / "experiments"))
+
+
+def build_executor(run, cfg, base_dir: Path):
+    """run.LocalExecutor or run.SlurmExecutor with the torchrun launcher for this recipe."""
+    lc = cfg.launch
+    if lc.executor == "local":
+        return run.LocalExecutor(ntasks_per_node=lc.gpus_per_node, launcher="torchrun", env_vars=job_env(cfg))
+    return run.SlurmExecutor(
+        account=lc.account, partition=lc.partition, job_name_prefix=f"{lc.job_name}-", time=lc.time_limit,
+        nodes=lc.nodes, ntasks_per_node=lc.gpus_per_node, gpus_per_node=lc.gpus_per_node, qos=lc.qos,
+        exclusive=True if lc.exclusive else None, container_image=lc.container_image,
+        container_mounts=container_mounts(cfg), env_vars=job_env(cfg), tunnel=_tunnel(run, lc, base_dir),
+        packager=run.Packager(), launcher="torchrun")
+
+
+def config_path_in_job(cfg, job_dir: str) -> str:
+    """Where the ranks read the resolved recipe: /nemo_run/configs/... inside a Slurm container (NeMo-Run
+    rewrites /nemo_run to the job directory when running without a container), the local path otherwise."""
+    from nemo_run.config import RUNDIR_NAME
+
+    if cfg.launch.executor == "slurm":
+        return f"/{RUNDIR_NAME}/configs/{CONFIG_NAME}"
+    return os.path.join(job_dir, "configs", CONFIG_NAME)
+
+
+def torchrun_command_from_sbatch(script: str) -> str:
+    """The torchrun part of the sbatch script's srun line."""
+    for line in script.splitlines():
+        if line.startswith("srun ") and " torchrun " in line:
+            cmd = line[line.index("torchrun "):]
+            return cmd.split(" & pids[")[0].strip()
+    raise LaunchError("the rendered sbatch script has no srun ... torchrun line")
+
+
+def _experiment_id(cfg) -> str:
+    # NeMo-Run's LocalTunnel recovers the title as id.rpartition('_')[0]: no '_' after the title
+    return f"{cfg.launch.job_name}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def launch(cfg, dryrun: bool = True, experiment_id: Optional[str] = None) -> LaunchArtifacts:
+    """Build the experiment; write the resolved recipe, sbatch script and torchrun command; submit unless
+    `dryrun`. The recipe must already be validated (see validation.validate_recipe)."""
+    run = nemo_run()
+    exp_id = experiment_id or _experiment_id(cfg)
+    title = cfg.launch.job_name
+    base_dir = Path(cfg.launch.nemo_run_dir or Path(cfg.output_dir) / "nemo_run").absolute()
+    exp_dir = base_dir / "experiments" / title / exp_id
+    job_dir = exp_dir / TASK_NAME
+    resolved_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    script = run.Script(path=TRAIN_MODULE, entrypoint="python", m=True,
+                        args=["--config", config_path_in_job(cfg, str(job_dir))])
+    executor = build_executor(run, cfg, base_dir)
+    artifacts_dir = Path(cfg.output_dir).absolute() / "launch" / exp_id
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    resolved = artifacts_dir / CONFIG_NAME
+    resolved.write_text(resolved_yaml)
+    with run.Experiment(title, executor=executor, id=exp_id, base_dir=str(base_dir), clean_mode=dryrun) as exp:
+        exp.add(script, name=TASK_NAME)
+        written = exp.jobs[0].executor.package_configs((CONFIG_NAME, resolved_yaml))[0]
+        if written != script.args[-1]:
+            raise LaunchError(f"NeMo-Run placed the recipe at {written}, the ranks would read {script.args[-1]}")
+        if dryrun:
+            exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
+        else:
+            exp.run(detach=cfg.launch.executor == "slurm", tail_logs=cfg.launch.executor == "local")
+        job = exp.jobs[0]
+    return _collect(cfg, exp_id, exp_dir, artifacts_dir, resolved, job, submitted=not dryrun)
+
+
+def _collect(cfg, exp_id, exp_dir: Path, artifacts_dir: Path, resolved: Path, job, submitted: bool):
+    sbatch_copy = None
+    if cfg.launch.executor == "slurm":
+        rendered = exp_dir / f"{TASK_NAME}_sbatch.sh"
+        if not rendered.is_file():
+            raise LaunchError(f"NeMo-Run did not render {rendered}")
+        sbatch_copy = artifacts_dir / f"{cfg.launch.job_name}.sbatch"
+        shutil.copyfile(rendered, sbatch_copy)
+        command = torchrun_command_from_sbatch(rendered.read_text())
+    else:
+        role = job._executable.roles[0]
+        command = shlex.join([role.entrypoint, *role.args])
+    command_file = artifacts_dir / "torchrun.sh"
+    command_file.write_text("#!/bin/bash\n# the command every node runs (rendered by NeMo-Run)\n" + command + "\n")
+    return LaunchArtifacts(experiment_id=exp_id, experiment_dir=exp_dir, artifacts_dir=artifacts_dir,
+                           resolved_config=resolved, command=command, command_file=command_file,
+                           sbatch_script=sbatch_copy, submitted=submitted)

@@ -1,0 +1,106 @@
+"""`spark-megatron train --config RECIPE [key=value ...]`: run SPARK on Megatron actors with vLLM rollouts.
+
+Under torchrun (WORLD_SIZE set) every process runs the controller SPMD. Started directly, it spawns
+TP x PP gloo ranks itself on CPU (or runs in-process for a 1-rank layout), so the quickstart needs no launcher.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from spark_megatron.config import ConfigError, RunConfig, load_config, save_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spark-megatron train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  spark-megatron train --config configs/tiny_cpu.yaml output_dir=runs/demo\n"
+               "  spark-megatron train --config configs/tiny_cpu.yaml parallel.tensor_model_parallel_size=2 "
+               "total_steps=5\n  spark-megatron train --config configs/tiny_cpu.yaml output_dir=runs/demo --resume")
+    p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in output_dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted-key overrides, e.g. optim.lr=1e-6 rollout.n=4")
+    return p
+
+
+def resolve_config(argv) -> tuple:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        cfg.checkpoint.resume = True
+    return args, cfg
+
+
+def prepare_model_dir(cfg: RunConfig) -> str:
+    """`tiny:qwen2` recipes build their random tiny model into the run directory (no downloads)."""
+    path = cfg.model.hf_path
+    if not path.startswith("tiny:"):
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.hf_path '{path}' is not an HF checkpoint directory (no config.json)")
+        return path
+    from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
+
+    out = Path(cfg.output_dir) / "tiny_model"
+    if not (out / "config.json").is_file():
+        kind = path.split(":", 1)[1]
+        if kind not in ("qwen2", "qwen2-tied"):
+            raise ConfigError(f"model.hf_path '{path}': tiny models are tiny:qwen2 or tiny:qwen2-tied")
+        write_tiny_qwen2(out, TinyQwen2Spec(tie_word_embeddings=kind.endswith("tied"), seed=cfg.seed))
+    return str(out)
+
+
+def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
+    """Body of one rank: init parallel state, run the trainer, return the last metrics row."""
+    from spark_megatron.config import _build
+    from spark_megatron.controller import SparkTrainer
+    from spark_megatron.parallel.groups import init_distributed
+
+    cfg = _build(RunConfig, cfg_dict)
+    init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                     cfg.parallel.virtual_pipeline_model_parallel_size, seed=cfg.seed)
+    trainer = SparkTrainer(cfg, hf_dir)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv=None) -> int:
+    try:
+        args, cfg = resolve_config(argv if argv is not None else sys.argv[1:])
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            return 0
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        hf_dir = prepare_model_dir(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    cfg_dict = dataclasses.asdict(cfg)
+    if "WORLD_SIZE" in os.environ:  # torchrun / srun: this process is one rank
+        rank_main(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), cfg_dict, hf_dir)
+    elif world == 1:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from spark_megatron.parallel.spawn import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        rank_main(0, 1, cfg_dict, hf_dir)
+    else:
+        from spark_megatron.parallel.spawn import run_on_ranks
+
+        run_on_ranks(rank_main, world, cfg_dict, hf_dir, timeout_s=24 * 3600)
+    print(f"done: metrics in {Path(cfg.output_dir) / 'metrics.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

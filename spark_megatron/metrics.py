@@ -1,0 +1,97 @@
+"""Per-step metrics: JSONL (always), TensorBoard and wandb (offline by default), on rank 0 only.
+
+`metrics.jsonl` is the source of truth: one JSON object per step, appended and flushed, so a killed run keeps
+every completed step and a resumed run continues the same file (steps past the resume point are dropped first,
+so the file never holds two versions of one step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from spark_megatron.config import LoggingConfig
+
+
+def _clean(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    """Writes metrics of each step to JSONL, TensorBoard and wandb; a no-op on ranks other than 0."""
+
+    def __init__(self, cfg: LoggingConfig, output_dir, run_config: Optional[dict] = None, enabled: bool = True,
+                 resume_from_step: Optional[int] = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from_step is not None:
+            self._truncate_after(resume_from_step)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a declared dependency; degrade rather than die mid-run
+                self._tb = None
+        if cfg.wandb_project:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+            self._wandb = wandb.init(project=cfg.wandb_project, dir=str(output_dir), config=run_config or {},
+                                     mode=cfg.wandb_mode, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict) -> dict:
+        row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        if not self.enabled:
+            return row
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        return row
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path) -> list:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -1,0 +1,79 @@
+"""Model families by HF architecture name: the one seam that conversion, the actor, weight sync and the planner
+use to build a Megatron stage and its HF mappings without knowing which model it is."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from spark_megatron.models.qwen2 import ModelSpecError
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    architectures: tuple
+    """HF `architectures[0]` values this family handles."""
+    shape_from_hf_dict: Callable
+    """(config dict, source str) -> shape object (has num_layers, vocab_size, tie_word_embeddings, ...)."""
+    check_layout: Callable
+    """(shape, tp, pp) -> None; raises ModelSpecError naming what TP/PP does not divide."""
+    build_stage: Callable
+    """(shape, params_dtype: str, **kw) -> this rank's pipeline stage (inside initialised parallel state)."""
+    mappings: Callable
+    """(shape) -> MappingRegistry of every parameter."""
+    hf_model_class: str
+    """transformers class name of the oracle model (e.g. 'Qwen2ForCausalLM')."""
+
+
+_FAMILIES: dict = {}
+
+
+def register_family(family: ModelFamily) -> None:
+    for arch in family.architectures:
+        _FAMILIES[arch] = family
+
+
+def read_hf_config(hf_dir) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ModelSpecError(f"{hf_dir}: no config.json (not an HF checkpoint directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelSpecError(f"{path}: invalid JSON ({e})") from None
+
+
+def family_for_config(cfg: dict, source: str = "config.json") -> ModelFamily:
+    _register_builtin()
+    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    if archs[0] not in _FAMILIES:
+        raise ModelSpecError(f"{source}: unsupported architecture '{archs[0]}' "
+                             f"(supported: {', '.join(sorted(_FAMILIES))})")
+    return _FAMILIES[archs[0]]
+
+
+def load_family(hf_dir) -> tuple:
+    """HF directory -> (family, shape)."""
+    cfg = read_hf_config(hf_dir)
+    source = str(Path(hf_dir) / "config.json")
+    fam = family_for_config(cfg, source)
+    return fam, fam.shape_from_hf_dict(cfg, source)
+
+
+def _register_builtin() -> None:
+    if _FAMILIES:
+        return
+    from spark_megatron.models import qwen2
+    from spark_megatron.models.qwen2_mapping import qwen2_mappings
+
+    register_family(ModelFamily(
+        name="qwen2", architectures=qwen2.SUPPORTED_ARCHITECTURES,
+        shape_from_hf_dict=qwen2.TextModelShape.from_hf_dict,
+        check_layout=qwen2.check_parallel_layout, build_stage=qwen2.build_stage, mappings=qwen2_mappings,
+        hf_model_class="Qwen2ForCausalLM"))
+    try:  # the VL family registers itself when its module is present
+        from spark_megatron.models import qwen2_5_vl  # noqa: F401
+    except ImportError:
+        pass

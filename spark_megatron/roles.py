@@ -1,0 +1,99 @@
+"""The roles of a SPARK job and their wiring: actor, frozen reference, rollout engine, verifier, loss.
+
+The controller talks only to `Roles`; which rank hosts the engine and how weights travel to it is decided here.
+On CPU the engine lives in the driver process (global rank 0) and every rank streams its shards to it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from spark_megatron.algo.loss import spark_grpo_loss
+from spark_megatron.config import RunConfig
+
+
+def grpo_loss_fn(algo_cfg, logprobs, entropy, extras):
+    """Adapter from the actor's micro-batch extras to the pure SPARK/GRPO loss."""
+    loss, metrics = spark_grpo_loss(
+        logprobs, extras.get("old_logprobs"), extras.get("ref_logprobs"), extras["advantages"],
+        extras["response_mask"], extras["global_token_count"], algo_cfg,
+        rollout_logprobs=extras.get("rollout_logprobs"))
+    if entropy is not None:
+        mask = extras["response_mask"]
+        metrics["entropy"] = ((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+    return loss, metrics
+
+
+@dataclass
+class Roles:
+    cfg: RunConfig
+    tokenizer: Any
+    actor: Any
+    reference: Optional[Any]
+    engine: Optional[Any]
+    verifier: Optional[Any]
+    sampling: Any
+    policy_version: int = 0
+
+    @property
+    def loss_fn(self):
+        return functools.partial(grpo_loss_fn, self.cfg.algorithm)
+
+    def render_prompt(self, prompt) -> list:
+        from spark_megatron.rollout import render_prompt_ids
+
+        return render_prompt_ids(self.tokenizer, prompt)
+
+    def fill_logprobs(self, seqs: list) -> None:
+        """Reference logprobs for the KL term; the actor computes behaviour (old) logprobs itself when a batch
+        spans several optimizer steps, and skips them (ratio exactly 1) when it is one step."""
+        if self.reference is not None:
+            for s, lp in zip(seqs, self.reference.compute_logprobs(seqs)):
+                s.ref_logprobs = lp
+
+    def push_weights(self) -> None:
+        from spark_megatron.sync import push_actor_weights
+
+        self.policy_version += 1
+        push_actor_weights(self.actor, self.engine, version=self.policy_version,
+                           bucket_mb=self.cfg.rollout.sync_bucket_mb)
+
+    def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
+        if self.engine is not None and hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+
+
+def build_roles(cfg: RunConfig, hf_dir: str, is_driver: bool) -> Roles:
+    from transformers import AutoTokenizer
+
+    from spark_megatron.rollout import SamplingSpec, build_engine
+    from spark_megatron.train.actor import Actor
+    from spark_megatron.train.reference import ReferenceModel
+    from spark_megatron.verify import Verifier
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    actor = Actor(cfg.model, cfg.parallel, cfg.optim, hf_dir, total_steps=_optimizer_steps(cfg))
+    reference = None
+    if cfg.algorithm.kl_coef > 0:
+        reference = ReferenceModel(cfg.model, cfg.parallel, hf_dir, micro_batch_size=cfg.optim.micro_batch_size)
+    engine = build_engine(cfg.rollout, hf_dir, seed=cfg.seed) if is_driver else None
+    verifier = Verifier.from_config(cfg.algorithm) if is_driver else None
+    r = cfg.rollout
+    sampling = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_tokens,
+                            seed=cfg.seed)
+    return Roles(cfg, tokenizer, actor, reference, engine, verifier, sampling)
+
+
+def _optimizer_steps(cfg: RunConfig) -> int:
+    """Optimizer steps of the whole run, for the LR schedule: warm-up steps plus, per RL step, one policy update
+    (and about one reward-period update when recycling alternates), each split into mini-batches."""
+    seqs = cfg.data.prompts_per_step * cfg.rollout.n
+    per_update = max(1, -(-seqs // cfg.optim.train_batch_size))
+    updates = 2 if cfg.algorithm.recycle.enabled and cfg.algorithm.recycle.schedule == "alternate" else 1
+    return cfg.warmup_sft_steps + max(1, cfg.total_steps) * per_update * updates

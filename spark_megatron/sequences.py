@@ -1,0 +1,82 @@
+"""Rollout groups -> training sequences (GRPO advantages on every response token) and per-kind metrics."""
+from __future__ import annotations
+
+import torch
+
+from spark_megatron.algo import grpo_advantages
+from spark_megatron.types import RolloutGroup, TaskKind
+
+_JUDGE_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
+
+
+class SequenceBuilder:
+    """Turns verified RolloutGroups into the actor's `SequenceSample`s."""
+
+    def __init__(self, tokenizer, algo_cfg, rollout_cfg):
+        self.tokenizer, self.algo, self.rollout = tokenizer, algo_cfg, rollout_cfg
+
+    def advantages(self, groups: list) -> list:
+        """One [n] advantage tensor per group (groups may differ in size when some rollouts failed)."""
+        out = []
+        for g in groups:
+            rewards = torch.tensor([g.rewards], dtype=torch.float64)  # [1, n]
+            adv = grpo_advantages(rewards, eps=self.algo.adv_eps, unbiased=self.algo.adv_std_unbiased)
+            out.append(adv[0].float())
+        return out
+
+    def build(self, groups: list) -> list:
+        from spark_megatron.train.batching import SequenceSample
+
+        seqs = []
+        for g, adv in zip(groups, self.advantages(groups)):
+            for r, a in zip(g.rollouts, adv.tolist()):
+                if not r.response_token_ids:
+                    continue  # nothing to train on; the group statistics above still counted it
+                n = len(r.response_token_ids)
+                seqs.append(SequenceSample(
+                    tokens=list(r.prompt_token_ids) + list(r.response_token_ids),
+                    prompt_len=len(r.prompt_token_ids), advantages=[a] * n,
+                    rollout_logprobs=list(r.logprobs) if r.logprobs else None, kind=g.prompt.kind.value))
+        return seqs
+
+    def sft(self, prompt_ids: list, response_ids: list, kind: str = "sft") -> "SequenceSample":
+        """A supervised sequence for the warm-up: advantage 1 on every response token."""
+        from spark_megatron.train.batching import SequenceSample
+
+        return SequenceSample(tokens=list(prompt_ids) + list(response_ids), prompt_len=len(prompt_ids),
+                              advantages=[1.0] * len(response_ids), kind=kind)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def group_metrics(groups: list, prefix: str = "") -> dict:
+    """Accuracy per task kind (policy, judge = pointwise+pairwise, reflection), lengths, all-same groups."""
+    by_kind: dict = {}
+    for g in groups:
+        by_kind.setdefault(g.prompt.kind, []).append(g)
+    out = {}
+
+    def acc(gs):
+        return _mean([float(c) for g in gs for c in g.correct])
+
+    if TaskKind.POLICY in by_kind:
+        gs = by_kind[TaskKind.POLICY]
+        out[f"{prefix}policy/accuracy"] = acc(gs)
+        out[f"{prefix}policy/solve_all_frac"] = _mean([float(all(g.correct)) for g in gs])
+        out[f"{prefix}policy/solve_none_frac"] = _mean([float(not any(g.correct)) for g in gs])
+        out[f"{prefix}rollout/response_len"] = _mean([len(r.response_token_ids) for g in gs for r in g.rollouts])
+        out[f"{prefix}rollout/truncated_frac"] = _mean([float(r.finish_reason == "length")
+                                                        for g in gs for r in g.rollouts])
+    judge = [g for k in _JUDGE_KINDS for g in by_kind.get(k, [])]
+    if judge:
+        out[f"{prefix}judge/accuracy"] = acc(judge)
+        out[f"{prefix}judge/num_tasks"] = len(judge)
+    for kind in (TaskKind.POINTWISE, TaskKind.PAIRWISE, TaskKind.REFLECTION):
+        if kind in by_kind:
+            out[f"{prefix}{kind.value}/accuracy"] = acc(by_kind[kind])
+    return out
+
+
+__all__ = ["SequenceBuilder", "group_metrics", "RolloutGroup"]

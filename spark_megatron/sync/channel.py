@@ -1,0 +1,184 @@
+"""A side process group between the actor's sync rank and rollout-engine processes (disaggregated rollout).
+
+The engine processes are not members of the trainer's torch.distributed world (vLLM initialises its own), so
+the channel is a separate gloo (CPU) or NCCL (GPU) process group built directly on a TCPStore. Member 0 is the
+actor's global rank 0 (it holds a `ChannelSink`); members 1..n are engine processes running
+`serve_weight_updates`. Buckets travel as raw broadcasts of the flat buffer; control messages are small pickled
+objects. Every bucket is preceded by an 8-byte header, so an actor-side failure midway can tell the engines to
+stop (they then mark themselves stale) instead of leaving them waiting.
+"""
+from __future__ import annotations
+
+import pickle
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from spark_megatron.sync.bucket import BucketBuffer
+from spark_megatron.sync.manifest import SyncPlan
+from spark_megatron.sync.push import EngineSink, WeightSyncError, begin_all
+from spark_megatron.sync.validation import WeightValidationError
+
+_ABORT = -1
+_COMMIT = -2
+
+
+class SyncChannel:
+    """Broadcast-only side group; `rank` 0 is the actor side."""
+
+    def __init__(self, pg, rank: int, size: int, device: torch.device):
+        self.pg, self.rank, self.size, self.device = pg, rank, size, device
+
+    @classmethod
+    def connect(cls, host: str, port: int, rank: int, size: int, is_master: bool, backend: str = "gloo",
+                timeout_s: float = 600) -> "SyncChannel":
+        """Join the channel; blocks until all `size` members joined. Exactly one member is the store master."""
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, size, is_master, timeout=timeout, wait_for_workers=False)
+        store = dist.PrefixStore("spark_sync", store)
+        if backend == "nccl":
+            pg = dist.ProcessGroupNCCL(store, rank, size)
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif backend == "gloo":
+            pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+            device = torch.device("cpu")
+        else:
+            raise ValueError(f"channel backend must be gloo or nccl, got '{backend}'")
+        return cls(pg, rank, size, device)
+
+    def broadcast(self, t: torch.Tensor, src: int) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = src, 0
+        self.pg.broadcast([t], opts).wait()
+
+    def send_obj(self, obj) -> None:
+        """Broadcast a picklable object from this member to all others."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        self.broadcast(torch.tensor([data.numel()], dtype=torch.int64, device=self.device), self.rank)
+        self.broadcast(data.to(self.device), self.rank)
+
+    def recv_obj(self, src: int):
+        n = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.broadcast(n, src)
+        data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        self.broadcast(data, src)
+        return pickle.loads(data.cpu().numpy().tobytes())
+
+    def header(self, value: int, src: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.broadcast(t, src)
+        return int(t.item())
+
+
+class ChannelSink:
+    """Actor-side sink forwarding a push to the engine processes of a channel."""
+
+    def __init__(self, channel: SyncChannel):
+        if channel.rank != 0:
+            raise ValueError("ChannelSink must be channel member 0 (the actor side)")
+        self.channel = channel
+
+    def _replies(self) -> Optional[str]:
+        errs = [self.channel.recv_obj(src=r) for r in range(1, self.channel.size)]
+        return next((e for e in errs if e), None)
+
+    def begin(self, plan: SyncPlan, version: int) -> None:
+        self.channel.send_obj({"op": "begin", "plan": plan, "version": version})
+        err = self._replies()
+        if err:
+            raise WeightValidationError(err)
+
+    def push(self, bucket) -> None:
+        self.channel.header(bucket.plan.index, src=0)
+        self.channel.broadcast(bucket.flat, src=0)
+
+    def commit(self, version: int) -> None:
+        self.channel.header(_COMMIT, src=0)
+        err = self._replies()
+        if err:
+            raise WeightSyncError(err)
+
+    def abort(self, reason: str) -> None:
+        self.channel.header(_ABORT, src=0)
+        self.channel.send_obj(reason)
+
+    def close(self) -> None:
+        self.channel.send_obj({"op": "close"})
+
+
+def _reply(channel: SyncChannel, msg: Optional[str]) -> None:
+    """Engine members answer in turn (every member takes part in every broadcast)."""
+    for r in range(1, channel.size):
+        if r == channel.rank:
+            channel.send_obj(msg)
+        else:
+            channel.recv_obj(src=r)
+
+
+def _receive_buckets(channel: SyncChannel, sinks: list, plan: SyncPlan) -> Optional[str]:
+    buf = BucketBuffer(plan, channel.device)
+    failure = None
+    while True:
+        idx = channel.header(0, src=0)
+        if idx == _ABORT:
+            reason = channel.recv_obj(src=0)
+            for s in sinks:
+                s.abort(f"actor aborted the push: {reason}")
+            return f"actor aborted the push: {reason}"
+        if idx == _COMMIT:
+            return failure
+        bucket = buf.bucket(plan.buckets[idx])
+        channel.broadcast(bucket.flat, src=0)
+        if failure is None:
+            try:
+                for s in sinks:
+                    s.push(bucket)
+            except WeightSyncError as e:
+                failure = str(e)
+
+
+def _apply_push(channel: SyncChannel, engines: Sequence, plan: SyncPlan, version: int, require_all: bool) -> str:
+    """One push on an engine member: 'rejected', 'failed', 'aborted' or 'committed'."""
+    sinks = [EngineSink(e, require_all) for e in engines]
+    try:
+        begin_all(sinks, plan, version)
+    except WeightValidationError as e:
+        _reply(channel, str(e))
+        return "rejected"
+    _reply(channel, None)
+    failure = _receive_buckets(channel, sinks, plan)
+    if failure is not None and failure.startswith("actor aborted"):
+        return "aborted"
+    if failure is None:
+        try:
+            for s in sinks:
+                s.commit(version)
+        except WeightSyncError as e:
+            failure = str(e)
+    _reply(channel, failure)
+    return "failed" if failure else "committed"
+
+
+def serve_weight_updates(channel: SyncChannel, engines: Sequence, on_commit: Optional[Callable] = None,
+                         require_all: bool = True) -> dict:
+    """Engine-process side: apply every push arriving on the channel to `engines` until the actor closes it.
+
+    `on_commit(version)` runs after each committed push (tests probe the engines there). Rejected plans are
+    answered with the validation error and leave the engines untouched. Returns counts per outcome.
+    """
+    outcomes: dict = {}
+    while True:
+        msg = channel.recv_obj(src=0)
+        if msg["op"] == "close":
+            return outcomes
+        if msg["op"] != "begin":
+            raise WeightSyncError(f"unexpected channel message {msg['op']!r}")
+        outcome = _apply_push(channel, engines, msg["plan"], msg["version"], require_all)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome == "committed" and on_commit is not None:
+            on_commit(msg["version"])

@@ -1,0 +1,394 @@
+"""Push weights into rollout engines bucket by bucket: from any named-tensor source, or from Megatron actors.
+
+Flow of one push: plan (metadata only) -> every sink validates the whole plan -> for each bucket: the producing
+stage fills the one reusable buffer, the bucket travels to the sink holders, the sinks load it -> commit (the
+engines record the new policy version). A rejected plan raises on every rank and nothing is written anywhere.
+
+Delivery for Megatron actors (`push_actor_weights`):
+- "to_rank0": each pipeline stage's leader (TP rank 0, DP rank 0) sends its buckets point-to-point to global
+  rank 0, which holds the sink (an in-process engine, or a `ChannelSink` to engine processes). No rank ever
+  gathers the full model; stages stream one bucket at a time.
+- "broadcast": each bucket is broadcast from its stage leader to every rank, and every rank that passes a sink
+  loads it (colocated engines: one engine replica per rank, e.g. vLLM with external_launcher).
+TP shards are gathered per parameter inside `export_hf_weights`; the stream is full HF tensors, so the engine's
+TP size is independent of the actor's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Optional, Protocol, Sequence
+
+import torch
+
+from spark_megatron.sync.bucket import Bucket, BucketBuffer, LiveBytes
+from spark_megatron.sync.manifest import SyncPlan, TensorSpec, grouped_by_module, plan_buckets, stage_specs
+from spark_megatron.sync.validation import WeightValidationError
+
+
+class WeightSyncError(RuntimeError):
+    """A push that failed after validation (transport or engine load failure); engines are marked stale."""
+
+
+class WeightSink(Protocol):
+    """Receives one push: validate the plan, load buckets in order, then commit (or abort)."""
+
+    def begin(self, plan: SyncPlan, version: int) -> None: ...
+
+    def push(self, bucket: Bucket) -> None: ...
+
+    def commit(self, version: int) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class EngineSink:
+    """Validates a plan against an engine's weight table, then loads buckets into it."""
+
+    def __init__(self, engine, require_all: bool = True):
+        self.engine = engine
+        self.require_all = require_all
+        self._plan: Optional[SyncPlan] = None
+        self._next = 0
+
+    def begin(self, plan: SyncPlan, version: int) -> None:
+        self.engine.expected_weights().check_plan(plan, self.require_all)
+        self._plan, self._next = plan, 0
+        self.engine.begin_update(version)
+
+    def push(self, bucket: Bucket) -> None:
+        if self._plan is None or bucket.plan != self._plan.buckets[self._next]:
+            raise WeightSyncError(f"bucket {bucket.plan.index} arrived out of plan order (expected {self._next})")
+        try:
+            self.engine.load_bucket(bucket.named_tensors())
+        except Exception as e:  # noqa: BLE001 - any engine failure leaves it partially updated
+            reason = f"engine failed to load bucket {bucket.plan.index} ({type(e).__name__}: {e})"
+            self.abort(reason)
+            raise WeightSyncError(reason) from e
+        self._next += 1
+
+    def commit(self, version: int) -> None:
+        if self._plan is None or self._next != len(self._plan.buckets):
+            self.abort("push ended before all planned buckets arrived")
+            raise WeightSyncError(f"commit after {self._next} of "
+                                  f"{len(self._plan.buckets) if self._plan else 0} buckets")
+        self.engine.finish_update(version)
+        self._plan = None
+
+    def abort(self, reason: str) -> None:
+        """Cancel the push; the engine is marked stale only if some bucket was already written."""
+        self.engine.abort_update(reason, dirty=self._next > 0)
+        self._plan = None
+
+
+class NullSink:
+    """Accepts and drops buckets (measures the produce side alone)."""
+
+    def begin(self, plan, version):
+        pass
+
+    def push(self, bucket):
+        pass
+
+    def commit(self, version):
+        pass
+
+    def abort(self, reason):
+        pass
+
+
+@dataclass
+class PushStats:
+    version: int
+    buckets: int
+    bytes: int
+    """Bytes of HF tensors in the update."""
+    seconds: float
+    produce_s: float = 0.0
+    """Time spent pulling tensors from the source/exporter (incl. TP gathers) and copying them into buckets."""
+    deliver_s: float = 0.0
+    """Time in point-to-point / broadcast transfers between ranks."""
+    sink_s: float = 0.0
+    """Time in sink.push (engine load, or the channel to engine processes)."""
+    peak_tracked_bytes: int = 0
+    bucket_capacity: int = 0
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else float("nan")
+
+
+def begin_all(sinks: Sequence[WeightSink], plan: SyncPlan, version: int) -> None:
+    """Begin on every sink, or on none: a rejection by one cancels those already begun (nothing written)."""
+    begun = []
+    try:
+        for s in sinks:
+            s.begin(plan, version)
+            begun.append(s)
+    except BaseException:
+        for s in begun:
+            s.abort("another engine rejected the update")
+        raise
+
+
+# ------------------------------------------------------------------------------------------ named-tensor sources
+
+class WeightSource(Protocol):
+    """A stream of (hf_name, tensor) whose specs are known before it is read."""
+
+    def specs(self) -> list: ...
+
+    def __iter__(self) -> Iterator[tuple]: ...
+
+
+class PairsSource:
+    """In-memory (name, tensor) pairs (a list or a state dict)."""
+
+    def __init__(self, pairs):
+        pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
+        order = {n: i for i, n in enumerate(grouped_by_module([n for n, _ in pairs]))}
+        self.pairs = sorted(pairs, key=lambda p: order.get(p[0], len(order)))
+
+    def specs(self) -> list:
+        return [TensorSpec.of(n, t) for n, t in self.pairs]
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+
+class CheckpointSource:
+    """An HF safetensors checkpoint read lazily, one tensor at a time (optionally cast)."""
+
+    _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+    def __init__(self, hf_dir, dtype: Optional[torch.dtype] = None):
+        from spark_megatron.models.weights import HFCheckpointReader
+
+        self.reader = HFCheckpointReader(hf_dir)
+        self.dtype = dtype
+        self.names = grouped_by_module(self.reader.keys())
+
+    def specs(self) -> list:
+        from safetensors import safe_open
+
+        out = []
+        for name in self.names:
+            path = self.reader.dir / self.reader._where[name]
+            with safe_open(str(path), framework="pt") as h:
+                sl = h.get_slice(name)
+                dt = self.dtype or self._DTYPES[sl.get_dtype()]
+                out.append(TensorSpec(name, tuple(int(d) for d in sl.get_shape()), dt))
+        return out
+
+    def __iter__(self):
+        for name in self.names:
+            t = self.reader.get(name)
+            yield name, (t.to(self.dtype) if self.dtype is not None else t)
+
+
+def as_source(weights) -> WeightSource:
+    """WeightSource passthrough; lists, tuples and dicts of tensors wrap; other iterables are materialised
+    (so they can be validated as a whole before anything is written)."""
+    if hasattr(weights, "specs") and hasattr(weights, "__iter__"):
+        return weights
+    return PairsSource(weights if isinstance(weights, Mapping) else list(weights))
+
+
+def _fill(bucket: Bucket, stream: Iterator, tracker: Optional[LiveBytes]) -> None:
+    for i, spec in enumerate(bucket.specs):
+        try:
+            name, t = next(stream)
+        except StopIteration:
+            raise WeightSyncError(f"source ended before tensor '{spec.name}' of bucket {bucket.plan.index}") from None
+        got = TensorSpec.of(name, t)
+        if got != spec:
+            raise WeightSyncError(f"source yielded '{name}' {got.describe()} where the plan has '{spec.name}' "
+                                  f"{spec.describe()}")
+        if tracker is not None:
+            tracker.observe(t.numel() * t.element_size())
+        bucket.fill(i, t)
+        del t
+
+
+def push_source(sinks: Sequence[WeightSink], weights, version: int, bucket_bytes: int,
+                tracker: Optional[LiveBytes] = None, device=None) -> PushStats:
+    """Push any named-tensor source into sinks (single process): validate all, then bucket by bucket."""
+    source = as_source(weights)
+    t0 = time.perf_counter()
+    plan = plan_buckets([source.specs()], bucket_bytes)
+    begin_all(sinks, plan, version)
+    stats = PushStats(version, len(plan.buckets), plan.total_bytes, 0.0)
+    buf = BucketBuffer(plan, device, tracker)
+    stream = iter(source)
+    try:
+        for bp in plan.buckets:
+            bucket = buf.bucket(bp)
+            t1 = time.perf_counter()
+            _fill(bucket, stream, tracker)
+            t2 = time.perf_counter()
+            for s in sinks:
+                s.push(bucket)
+            stats.produce_s += t2 - t1
+            stats.sink_s += time.perf_counter() - t2
+    except BaseException as e:
+        for s in sinks:
+            s.abort(f"push of version {version} failed: {e}")
+        raise
+    for s in sinks:
+        s.commit(version)
+    stats.bucket_capacity = buf.capacity
+    buf.release()
+    stats.seconds = time.perf_counter() - t0
+    stats.peak_tracked_bytes = tracker.peak if tracker is not None else 0
+    return stats
+
+
+# ------------------------------------------------------------------------------------------ Megatron actors
+
+@dataclass(frozen=True)
+class _Producer:
+    leader: int
+    """Global rank that packs and sends this stream's buckets (TP rank 0, DP rank 0 of the stage)."""
+    pp_rank: int
+    chunk: int
+
+
+def actor_plan(model_chunks: Sequence, registry, bucket_bytes: int, tied: bool = False,
+               dtype: Optional[torch.dtype] = None) -> SyncPlan:
+    """The global plan of an actor push (all ranks call; metadata only, one all_gather_object)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    local = [stage_specs(c, registry, tied, dtype) for c in model_chunks]
+    me = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+          ps.get_data_parallel_rank(), local)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    leaders = sorted((e for e in everyone if e[1] == 0 and e[3] == 0), key=lambda e: e[2])
+    streams, sources = [], []
+    for rank, _tp, pp, _dp, chunks in leaders:
+        for c, specs in enumerate(chunks):
+            streams.append(specs)
+            sources.append(_Producer(rank, pp, c))
+    return plan_buckets(streams, bucket_bytes, sources)
+
+
+def _agree(error: Optional[str]) -> Optional[str]:
+    """All ranks learn the first error any rank saw (keeps every rank's control flow identical)."""
+    import torch.distributed as dist
+
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, error)
+    return next((e for e in errs if e), None)
+
+
+class _ActorPush:
+    """One rank's part of an actor push (see push_actor_weights)."""
+
+    def __init__(self, chunks, registry, plan, sink, tied, dtype, delivery, tracker):
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from spark_megatron.models.weights import export_hf_weights
+        from spark_megatron.parallel.cpu_compat import compute_device
+
+        self.rank, self.plan, self.sink, self.delivery, self.tracker = dist.get_rank(), plan, sink, delivery, tracker
+        self.pp = ps.get_pipeline_model_parallel_rank()
+        exporting = ps.get_data_parallel_rank() == 0
+        self.streams = {c: export_hf_weights(m, registry, tied, dtype) for c, m in enumerate(chunks)} \
+            if exporting else {}
+        needs_buffer = sink is not None or delivery == "broadcast" or any(
+            p.leader == self.rank for p in plan.sources)
+        self.buf = BucketBuffer(plan, compute_device(), tracker) if needs_buffer else None
+        self.stats = PushStats(0, len(plan.buckets), plan.total_bytes, 0.0,
+                               bucket_capacity=self.buf.capacity if self.buf else 0)
+        self.failure: Optional[str] = None
+
+    def _produce(self, bucket: Optional[Bucket], bp, prod: _Producer) -> None:
+        stream = self.streams[prod.chunk]
+        if bucket is not None and self.rank == prod.leader:
+            _fill(bucket, stream, self.tracker)
+            return
+        for _ in bp.specs:  # TP peers of the leader iterate too: the export all-gathers inside the TP group
+            next(stream)
+
+    def _deliver(self, bucket: Optional[Bucket], prod: _Producer) -> None:
+        import torch.distributed as dist
+
+        if self.delivery == "broadcast":
+            dist.broadcast(bucket.flat, src=prod.leader)
+        elif prod.leader != 0 and self.rank == prod.leader:
+            dist.send(bucket.flat, dst=0)
+        elif prod.leader != 0 and self.rank == 0:
+            dist.recv(bucket.flat, src=prod.leader)
+
+    def run_bucket(self, bp) -> None:
+        prod: _Producer = self.plan.sources[bp.source]
+        bucket = self.buf.bucket(bp) if self.buf is not None else None
+        t0 = time.perf_counter()
+        if prod.pp_rank == self.pp and prod.chunk in self.streams:
+            self._produce(bucket, bp, prod)
+        t1 = time.perf_counter()
+        self._deliver(bucket, prod)
+        t2 = time.perf_counter()
+        if self.sink is not None and self.failure is None:
+            try:
+                self.sink.push(bucket)
+            except Exception as e:  # noqa: BLE001 - keep draining so every rank's transfers stay matched
+                self.failure = f"{type(e).__name__}: {e}"
+        self.stats.produce_s += t1 - t0
+        self.stats.deliver_s += t2 - t1
+        self.stats.sink_s += time.perf_counter() - t2
+
+    def check_exhausted(self) -> None:
+        for c, stream in self.streams.items():
+            if next(stream, None) is not None:
+                raise WeightSyncError(f"model chunk {c} exported more tensors than planned")
+
+
+def push_actor_weights(model_chunks: Sequence, registry, version: int, bucket_bytes: int,
+                       sink: Optional[WeightSink] = None, tied: bool = False, dtype: Optional[torch.dtype] = None,
+                       delivery: str = "to_rank0", tracker: Optional[LiveBytes] = None) -> PushStats:
+    """Stream the actor's weights (this rank's model chunks) into the sink(s); every rank must call.
+
+    `sink`: with delivery "to_rank0" only global rank 0 passes one; with "broadcast" each rank that holds an
+    engine passes its own. `dtype`: export dtype (the engine's). Raises WeightValidationError on every rank
+    when any sink rejects the plan (nothing written), WeightSyncError when loading failed midway.
+    """
+    import torch.distributed as dist
+
+    if delivery not in ("to_rank0", "broadcast"):
+        raise ValueError(f"delivery must be 'to_rank0' or 'broadcast', got '{delivery}'")
+    if delivery == "to_rank0" and sink is not None and dist.get_rank() != 0:
+        raise ValueError("delivery 'to_rank0': only global rank 0 may hold the sink")
+    t0 = time.perf_counter()
+    plan = actor_plan(model_chunks, registry, bucket_bytes, tied, dtype)
+    error = None
+    if sink is not None:
+        try:
+            sink.begin(plan, version)
+        except WeightValidationError as e:
+            error = str(e)
+    error = _agree(error)
+    if error:
+        raise WeightValidationError(error)
+    job = _ActorPush(model_chunks, registry, plan, sink, tied, dtype, delivery, tracker)
+    for bp in plan.buckets:
+        job.run_bucket(bp)
+    job.check_exhausted()
+    if sink is not None:
+        try:
+            if job.failure:
+                sink.abort(job.failure)
+            else:
+                sink.commit(version)
+        except Exception as e:  # noqa: BLE001
+            job.failure = job.failure or f"{type(e).__name__}: {e}"
+    failure = _agree(job.failure)
+    if failure:
+        raise WeightSyncError(f"weight push of version {version} failed: {failure}")
+    job.buf = None
+    job.stats.version = version
+    job.stats.seconds = time.perf_counter() - t0
+    job.stats.peak_tracked_bytes = tracker.peak if tracker is not None else 0
+    return job.stats

@@ -1,0 +1,402 @@
+"""The Megatron policy: forward-only logprobs and optimizer steps over micro-batched sequences (SPMD).
+
+Every rank of the job constructs the Actor inside an initialised parallel state and calls its methods with the
+SAME list of sequences (the controller runs SPMD). Each data-parallel rank takes its share of the sequences
+(longest first, dealt snake-wise), its TP/PP group runs them through megatron's schedules, and results come
+back on every rank.
+
+Gradient scaling. `loss_fn` returns a loss already normalised by the GLOBAL response-token count of the
+optimizer step (`mb_extras["global_token_count"]`), so the step's gradient must be the plain SUM of the
+micro-batch gradients over all micro-batches and data-parallel ranks. megatron would instead divide each
+micro-batch loss by the number of micro-batches (legacy 2-tuple loss) and average gradients over DP. The actor
+sets `calculate_per_token_loss` on the model config (DDP then sums over DP instead of averaging, and 3-tuple
+losses are not divided) and installs a finalize function that skips megatron's division by the token count it
+counted itself. Nothing is pre-scaled, so the result does not depend on how the batch is split (tested).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from spark_megatron.train import batching
+from spark_megatron.train.batching import SequenceSample
+from spark_megatron.train.logprobs import vocab_parallel_logprobs
+from spark_megatron.train.schedule import run_schedule
+
+LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], dict], tuple]
+"""(logprobs [b, s], entropy [b, s] or None, mb_extras {name: tensor}) -> (loss 0-d, {metric: 0-d tensor})."""
+
+
+def _ps():
+    from megatron.core import parallel_state as ps
+
+    return ps
+
+
+def _device() -> torch.device:
+    from spark_megatron.parallel.cpu_compat import compute_device
+
+    return compute_device()
+
+
+class _LogprobRunner:
+    """Builds this rank's pipeline stage from an HF (or Megatron) checkpoint and scores sequences with it.
+
+    Shared by Actor (trainable, DDP-wrapped) and ReferenceModel (frozen).
+    """
+
+    def __init__(self, model_cfg, parallel_cfg, hf_dir: Optional[str] = None, micro_batch_size: int = 1,
+                 logit_temperature: float = 1.0):
+        from spark_megatron.models.families import family_for_config, load_family, read_hf_config
+
+        ps = _ps()
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("initialise the parallel state first (spark_megatron.parallel.groups."
+                               "init_distributed)")
+        self._check_layout(parallel_cfg)
+        self.model_cfg, self.parallel_cfg = model_cfg, parallel_cfg
+        self.micro_batch_size = int(micro_batch_size)
+        self.logit_temperature = float(logit_temperature)
+        megatron_path = getattr(model_cfg, "megatron_path", None)
+        self.hf_dir = hf_dir or model_cfg.hf_path or None
+        if megatron_path:
+            from spark_megatron.checkpoint.megatron_format import read_meta
+
+            self.hf_config = read_meta(megatron_path).hf_config
+            self.family = family_for_config(self.hf_config, str(megatron_path))
+            self.shape = self.family.shape_from_hf_dict(self.hf_config, str(megatron_path))
+        else:
+            if not self.hf_dir:
+                raise ValueError("model.hf_path (or model.megatron_path) is required to build the model")
+            self.family, self.shape = load_family(self.hf_dir)
+            self.hf_config = read_hf_config(self.hf_dir)
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        self.family.check_layout(self.shape, tp, pp)
+        self._stage = self.family.build_stage(self.shape, model_cfg.params_dtype, **self._build_kwargs())
+        self._load_weights(megatron_path)
+        self.vocab_size = self.shape.vocab_size
+        self.max_len = getattr(self.shape, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------------------------------------ building
+    @staticmethod
+    def _check_layout(parallel_cfg) -> None:
+        ps = _ps()
+        want = (parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size)
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if want != have:
+            raise ValueError(f"parallel config asks for TP{want[0]} x PP{want[1]} but the parallel state is "
+                             f"TP{have[0]} x PP{have[1]}")
+        if (parallel_cfg.virtual_pipeline_model_parallel_size or 1) > 1:
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size: the actor does not support "
+                             "interleaved pipelining yet (set it to null)")
+        if parallel_cfg.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel: not supported by the actor's model provider yet")
+
+    def _build_kwargs(self) -> dict:
+        kw = {}
+        if self.model_cfg.fp8:
+            kw["fp8"] = self.model_cfg.fp8
+        if self.model_cfg.recompute_activations:
+            kw["recompute"] = True
+        if self.parallel_cfg.make_vocab_size_divisible_by != 128:
+            kw["divisible_by"] = self.parallel_cfg.make_vocab_size_divisible_by
+        return kw
+
+    def _load_weights(self, megatron_path) -> None:
+        if megatron_path:
+            from spark_megatron.checkpoint.megatron_format import load_megatron_checkpoint
+
+            load_megatron_checkpoint(self._stage, megatron_path)
+            return
+        from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+
+        load_hf_weights(self._stage, HFCheckpointReader(self.hf_dir), self.family.mappings(self.shape),
+                        tied=self.shape.tie_word_embeddings)
+
+    @property
+    def model_chunks(self) -> list:
+        """This rank's unwrapped model chunks (megatron GPTModel per pipeline stage chunk)."""
+        return [self._stage]
+
+    def _run_chunks(self) -> list:
+        """The modules the schedules run (wrapped for training in the Actor)."""
+        return [self._stage]
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def compute_logprobs(self, seqs: Sequence[SequenceSample]) -> list:
+        """Logprob of every response token under the current weights: one fp32 CPU tensor of length
+        `response_len` per sequence, on every rank."""
+        return self._score(seqs, with_entropy=False)[0]
+
+    def compute_logprobs_and_entropy(self, seqs: Sequence[SequenceSample]) -> tuple:
+        """(logprobs, entropies): two lists of per-sequence fp32 CPU tensors (entropy of the full next-token
+        distribution at each response position), on every rank."""
+        return self._score(seqs, with_entropy=True)
+
+    def _forward_buckets(self, seqs, mine) -> list:
+        """Lists of micro-batches, one schedule call each. PP: buckets of 4 x PP length-sorted micro-batches
+        share a padded shape (short sequences do not pay for the longest); no PP: one call, own shapes."""
+        pp = _ps().get_pipeline_model_parallel_world_size()
+        ordered = batching.length_sorted(mine, seqs)
+        if pp == 1:
+            return [batching.plan_microbatches(seqs, ordered, self.micro_batch_size, uniform_shape=False,
+                                               max_len=self.max_len, device=_device())] if ordered else []
+        per_bucket = 4 * pp * self.micro_batch_size
+        return [batching.plan_microbatches(seqs, ordered[i:i + per_bucket], self.micro_batch_size,
+                                           uniform_shape=True, max_len=self.max_len, device=_device())
+                for i in range(0, len(ordered), per_bucket)]
+
+    @torch.no_grad()
+    def _score(self, seqs: Sequence[SequenceSample], with_entropy: bool) -> tuple:
+        ps = _ps()
+        batching.validate(seqs, self.max_len)
+        mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
+                                       ps.get_data_parallel_world_size())
+        vocab, temp = self.vocab_size, self.logit_temperature
+
+        def collect(output, mb):
+            lp, ent = vocab_parallel_logprobs(output, mb.extras["labels"], vocab, with_entropy, temp)
+            return lp, ent
+
+        chunks = self._run_chunks()
+        for c in chunks:
+            c.eval()
+        results = []
+        for bucket in self._forward_buckets(seqs, mine):
+            outs = run_schedule(chunks, bucket, collect, forward_only=True, collect=True)
+            results.extend(zip(bucket, outs))
+        return share_per_token(seqs, results, with_entropy)
+
+
+def share_per_token(seqs: Sequence[SequenceSample], results: list, with_entropy: bool) -> tuple:
+    """Scatter per-row [b, s] outputs of this rank into one flat buffer laid out by sequence, and sum it over
+    the job: exactly one rank (last PP stage, TP rank 0) contributes each sequence, so every rank ends up
+    with every sequence's values, bit-exact (x + 0)."""
+    ps = _ps()
+    lens = [s.response_len for s in seqs]
+    offsets = [0]
+    for n in lens:
+        offsets.append(offsets[-1] + n)
+    width = 2 if with_entropy else 1
+    buf = torch.zeros(width, offsets[-1], dtype=torch.float32, device=_device())
+    contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    if contributes:
+        for mb, (lp, ent) in results:
+            for r, idx in enumerate(mb.rows):
+                if idx < 0:
+                    continue
+                p, n = seqs[idx].prompt_len, len(seqs[idx].tokens)
+                buf[0, offsets[idx]:offsets[idx + 1]] = lp[r, p - 1:n - 1].float()
+                if with_entropy:
+                    buf[1, offsets[idx]:offsets[idx + 1]] = ent[r, p - 1:n - 1].float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(buf)
+    buf = buf.cpu()
+    logprobs = [buf[0, offsets[i]:offsets[i + 1]].clone() for i in range(len(seqs))]
+    entropy = [buf[1, offsets[i]:offsets[i + 1]].clone() for i in range(len(seqs))] if with_entropy else None
+    return logprobs, entropy
+
+
+class Actor(_LogprobRunner):
+    """The trainable policy: DDP-wrapped stage, megatron Adam (distributed optimizer), cosine LR schedule.
+
+    Build on every rank after `init_distributed(tp, pp)`:
+        Actor(model_cfg, parallel_cfg, optim_cfg, hf_dir, total_steps)
+    `total_steps` = optimizer steps of the whole run (sets warmup = round(warmup_ratio x total) and the cosine
+    end). Layout: TP x PP from the parallel state, DP = world / (TP x PP).
+    """
+
+    def __init__(self, model_cfg, parallel_cfg, optim_cfg, hf_dir: Optional[str] = None, total_steps: int = 1,
+                 logprob_micro_batch_size: Optional[int] = None, logit_temperature: float = 1.0,
+                 overlap_grad_reduce: bool = False):
+        super().__init__(model_cfg, parallel_cfg, hf_dir, logprob_micro_batch_size or optim_cfg.micro_batch_size,
+                         logit_temperature)
+        from spark_megatron.train.optimizer import build_optimizer, build_scheduler, lr_schedule
+
+        self.optim_cfg = optim_cfg
+        self.total_steps = int(total_steps)
+        self.schedule = lr_schedule(optim_cfg, self.total_steps)
+        self._ddp = [self._wrap_ddp(self._stage, parallel_cfg.use_distributed_optimizer, overlap_grad_reduce)]
+        self.optimizer = build_optimizer(self._ddp, optim_cfg, model_cfg.params_dtype,
+                                         parallel_cfg.use_distributed_optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        self._install_schedule_hooks(overlap_grad_reduce)
+        self.steps_done = 0
+        """Optimizer steps attempted (skipped ones included)."""
+
+    def _wrap_ddp(self, stage, use_distributed_optimizer: bool, overlap: bool):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        config = stage.config
+        config.calculate_per_token_loss = True  # DDP sums over DP; 3-tuple losses are not divided (see top)
+        module = Float16Module(config, stage) if (config.bf16 or config.fp16) else stage
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                                   use_distributed_optimizer=use_distributed_optimizer)
+        return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+    def _install_schedule_hooks(self, overlap: bool) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        config = self._stage.config
+
+        def finalize(model, num_tokens=None, **kw):
+            # the loss is already normalised by the global token count: no extra division
+            return finalize_model_grads(model, None, **kw)
+
+        config.finalize_model_grads_func = finalize
+        config.grad_scale_func = self.optimizer.scale_loss
+        if overlap:
+            config.no_sync_func = self._ddp[0].no_sync
+            config.grad_sync_func = self._ddp[0].start_grad_sync
+
+    def _run_chunks(self) -> list:
+        return self._ddp
+
+    # ------------------------------------------------------------------------------------------ training
+    def train_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
+        """One RL update over `seqs`: mini-batches of optim.train_batch_size sequences, one optimizer step each.
+
+        Missing old_logprobs are computed for all sequences before the first update when there is more than
+        one mini-batch (with a single mini-batch they stay absent: on-policy, ratio 1). Returns the mean of the
+        per-step metrics (loss, grad_norm over updated steps, loss_fn metrics), `lr` of the last step,
+        `skipped` (count) and `optimizer_steps`. The caller's SequenceSample objects are not modified.
+        """
+        seqs = list(seqs)
+        batching.validate(seqs, self.max_len)
+        minis = batching.split_minibatches(len(seqs), self.optim_cfg.train_batch_size)
+        if len(minis) > 1 and any(s.old_logprobs is None for s in seqs):
+            missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
+            for i, lp in zip(missing, self.compute_logprobs([seqs[i] for i in missing])):
+                seqs[i] = dataclasses.replace(seqs[i], old_logprobs=lp)
+        per_step = [self.optimizer_step([seqs[i] for i in m], loss_fn, with_entropy) for m in minis]
+        return merge_step_metrics(per_step)
+
+    def optimizer_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
+        """Forward/backward over all micro-batches of one mini-batch, then one (possibly skipped) Adam step.
+
+        mb_extras given to `loss_fn` (all [b, s] on the compute device, response positions aligned so that
+        position t holds the values of token t+1): response_mask (float 0/1), advantages, old_logprobs,
+        ref_logprobs, rollout_logprobs (only those set on every sequence), global_token_count and
+        global_seq_count (0-d float tensors: response tokens / sequences of the whole mini-batch over all
+        micro-batches and DP ranks). The loss must be sum(per-token loss * mask) / global_token_count for a
+        token mean; the actor sums micro-batch gradients over micro-batches and DP ranks unchanged.
+        """
+        from spark_megatron.train.optimizer import current_lr, step_optimizer
+
+        ps = _ps()
+        seqs = list(seqs)
+        batching.validate(seqs, self.max_len)
+        fields = batching.present_fields(seqs)
+        mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
+                                       ps.get_data_parallel_world_size())
+        mbs = batching.plan_microbatches(seqs, mine, self.optim_cfg.micro_batch_size,
+                                         uniform_shape=ps.get_pipeline_model_parallel_world_size() > 1,
+                                         fields=fields, max_len=self.max_len, device=_device(), min_microbatches=1)
+        tokens = batching.response_token_count(seqs, range(len(seqs)))
+        for mb in mbs:
+            mb.extras["global_token_count"] = torch.tensor(float(tokens), device=_device())
+            mb.extras["global_seq_count"] = torch.tensor(float(len(seqs)), device=_device())
+        for c in self._ddp:
+            c.zero_grad_buffer()
+            c.train()
+        self.optimizer.zero_grad()
+        outs = run_schedule(self._ddp, mbs, self._train_loss(loss_fn, with_entropy), forward_only=False)
+        lr = current_lr(self.optimizer)
+        result = step_optimizer(self.optimizer, self.optim_cfg.clip_grad)
+        if result.updated:
+            self.scheduler.step(1)
+        self.steps_done += 1
+        metrics = reduce_loss_metrics(outs, mbs)
+        metrics.update(grad_norm=result.grad_norm, lr=lr, skipped=0.0 if result.updated else 1.0,
+                       global_tokens=float(tokens), sequences=float(len(seqs)))
+        for kind, (n, t) in batching.kind_counts(seqs, range(len(seqs))).items():
+            metrics[f"kind/{kind}/sequences"] = float(n)
+            metrics[f"kind/{kind}/tokens"] = float(t)
+        return metrics
+
+    def _train_loss(self, loss_fn: LossFn, with_entropy: bool):
+        vocab, temp = self.vocab_size, self.logit_temperature
+
+        def loss(output, mb):
+            lp, ent = vocab_parallel_logprobs(output, mb.extras["labels"], vocab, with_entropy, temp)
+            extras = {k: v for k, v in mb.extras.items() if k != "labels"}
+            value, stats = loss_fn(lp, ent, extras)
+            if value.dim() != 0:
+                raise ValueError(f"loss_fn must return a 0-d loss, got shape {tuple(value.shape)}")
+            n_tok = mb.extras["response_mask"].sum().to(torch.int)
+            real = torch.tensor(float(any(r >= 0 for r in mb.rows)), device=value.device)
+            return value, n_tok, {"loss": value.detach(), "_real": real,
+                                  **{k: torch.as_tensor(v).detach().float() for k, v in stats.items()}}
+
+        return loss
+
+    # ------------------------------------------------------------------------------------------ export
+    def export_hf_stream(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple]:
+        """(hf_name, full tensor) for this PP stage, TP shards gathered; every TP rank of the stage must
+        iterate it together (all-gathers inside). Fused groups (q/k/v, gate/up) come out consecutively."""
+        from spark_megatron.models.weights import export_hf_weights
+
+        return export_hf_weights(self._stage, self.family.mappings(self.shape),
+                                 tied=self.shape.tie_word_embeddings, dtype=dtype)
+
+
+def reduce_loss_metrics(outs: list, mbs: list) -> dict:
+    """Sum the micro-batch losses (= the mini-batch objective) and average loss_fn metrics over real
+    micro-batches, over DP; the last PP stage's result is then sent to every stage."""
+    ps = _ps()
+    local = None
+    if ps.is_pipeline_last_stage():
+        sums: dict = {}
+        n_real, loss_sum = 0, 0.0
+        for out in outs:
+            loss_sum += float(out["loss"])
+            if float(out["_real"]) == 0.0:
+                continue
+            n_real += 1
+            for k, v in out.items():
+                if k not in ("loss", "_real"):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        local = (loss_sum, n_real, sums)
+        gathered = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+        total_loss = sum(g[0] for g in gathered)
+        total_real = sum(g[1] for g in gathered)
+        keys = sorted({k for g in gathered for k in g[2]})
+        local = {"loss": total_loss, **{k: sum(g[2].get(k, 0.0) for g in gathered) / max(total_real, 1)
+                                       for k in keys}}
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [local]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        local = box[0]
+    return dict(local)
+
+
+def merge_step_metrics(per_step: list) -> dict:
+    """Mean over optimizer steps (grad_norm over updated steps only); lr of the last step; counts summed."""
+    if not per_step:
+        return {"optimizer_steps": 0.0}
+    out: dict = {}
+    summed = {"skipped", "global_tokens", "sequences"}
+    keys = sorted({k for m in per_step for k in m})
+    for k in keys:
+        vals = [m[k] for m in per_step if k in m]
+        if k in summed or k.startswith("kind/"):
+            out[k] = float(sum(vals))
+        elif k == "lr":
+            out[k] = float(vals[-1])
+        elif k == "grad_norm":
+            ok = [v for m, v in zip(per_step, vals) if m.get("skipped", 0.0) == 0.0 and math.isfinite(v)]
+            out[k] = float(sum(ok) / len(ok)) if ok else float("nan")
+        else:
+            out[k] = float(sum(vals) / len(vals))
+    out["optimizer_steps"] = float(len(per_step))
+    return out
+
+
+__all__ = ["Actor", "LossFn", "SequenceSample", "share_per_token"]

@@ -1,0 +1,123 @@
+"""The verifier: response text + ground truth -> Verdict (extracted answer, correctness, reward)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from spark_megatron.types import TaskKind, Verdict
+from spark_megatron.verify.choice import choice_label, ground_truth_choice
+from spark_megatron.verify.equivalence import Comparator, CheckResult, check, pool_check, quick_check, warm_up
+from spark_megatron.verify.extraction import extract_boxed
+from spark_megatron.verify.pool import TimeoutPool
+
+_JUDGMENT_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
+
+
+@dataclass
+class VerifyRequest:
+    """One response to check."""
+
+    response_text: str
+    ground_truth: str
+    kind: TaskKind = TaskKind.POLICY
+
+
+def format_score(response_text: str) -> float:
+    """1.0 if the response ends its reasoning with a non-empty boxed answer, else 0.0."""
+    return 1.0 if extract_boxed(response_text) is not None else 0.0
+
+
+def combine_reward(correct: bool, fmt: float, format_weight: float) -> float:
+    """reward = (1 - w) * accuracy + w * format; w = 0 gives the reference's plain 0/1 reward."""
+    return (1.0 - format_weight) * float(correct) + format_weight * fmt
+
+
+def _judgment_check(extracted: str, label: str) -> CheckResult:
+    """Recycled judge tasks have a Yes/No or letter label: compare choice labels, no sympy needed."""
+    want = ground_truth_choice(label) or label.strip()
+    return CheckResult(choice_label(extracted) == want)
+
+
+class Verifier:
+    """Checks responses against ground truths; math equivalence runs in a pool with a hard per-item timeout.
+
+    num_workers=0 checks in-process (bounded by a SIGALRM timer in the main thread only; C-level work such as
+    a huge integer power cannot be interrupted that way). num_workers>=1 uses worker processes that are
+    killed at the deadline, so one pathological answer costs `timeout_s` and is counted wrong (timed_out).
+
+    `comparator` replaces math-verify (a test hook; must be a picklable module-level function).
+    """
+
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 0, format_reward_weight: float = 0.0,
+                 comparator: Optional[Comparator] = None, start_method: str = "forkserver"):
+        if not 0.0 <= format_reward_weight <= 1.0:
+            raise ValueError(f"format_reward_weight must be in [0, 1], got {format_reward_weight}")
+        self.timeout_s = timeout_s
+        self.format_reward_weight = format_reward_weight
+        self.comparator = comparator
+        self._pool = None
+        if num_workers > 0:
+            self._pool = TimeoutPool(pool_check, num_workers, timeout_s, start_method=start_method,
+                                     preload=("spark_megatron.verify.equivalence", "math_verify"),
+                                     init=None if comparator else warm_up)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Verifier":
+        """Build from an `AlgorithmConfig`."""
+        return cls(timeout_s=cfg.verify_timeout_s, num_workers=cfg.verify_workers,
+                   format_reward_weight=cfg.format_reward_weight)
+
+    @property
+    def pool_restarts(self) -> int:
+        return self._pool.restarts if self._pool else 0
+
+    def worker_pids(self) -> list:
+        return self._pool.worker_pids() if self._pool else []
+
+    def verify(self, response_text: str, ground_truth: str, kind: TaskKind = TaskKind.POLICY) -> Verdict:
+        return self.verify_batch([VerifyRequest(response_text, ground_truth, kind)])[0]
+
+    def verify_batch(self, requests: Sequence[Union[VerifyRequest, tuple]]) -> list[Verdict]:
+        """Verdicts in input order. Items: VerifyRequest or (response_text, ground_truth[, kind]) tuples."""
+        reqs = [r if isinstance(r, VerifyRequest) else VerifyRequest(*r) for r in requests]
+        extracted = [extract_boxed(r.response_text) for r in reqs]
+        outcome: list[Optional[CheckResult]] = [None] * len(reqs)
+        hard: dict[tuple, list[int]] = {}  # (prediction, ground truth) -> request indices; n rollouts repeat answers
+        for i, (req, pred) in enumerate(zip(reqs, extracted)):
+            if pred is None or not req.ground_truth.strip():
+                outcome[i] = CheckResult(False)
+            elif TaskKind(req.kind) in _JUDGMENT_KINDS:
+                outcome[i] = _judgment_check(pred, req.ground_truth)
+            else:
+                quick = quick_check(pred, req.ground_truth)
+                if quick is not None:
+                    outcome[i] = CheckResult(quick)
+                else:
+                    hard.setdefault((pred, req.ground_truth), []).append(i)
+        for key, result in zip(hard, self._check_hard(list(hard))):
+            for i in hard[key]:
+                outcome[i] = result
+        return [self._verdict(r, pred, res) for r, pred, res in zip(reqs, extracted, outcome)]
+
+    def _check_hard(self, pairs: list) -> list[CheckResult]:
+        if not pairs:
+            return []
+        if self._pool is None:
+            return [check(p, g, self.timeout_s, self.comparator) for p, g in pairs]
+        results = self._pool.map([(p, g, self.comparator) for p, g in pairs])
+        return [CheckResult(bool(r.value) if r.ok else False, timed_out=r.timed_out) for r in results]
+
+    def _verdict(self, req: VerifyRequest, pred: Optional[str], res: CheckResult) -> Verdict:
+        fmt = 1.0 if pred is not None else 0.0
+        reward = combine_reward(res.correct, fmt, self.format_reward_weight)
+        return Verdict(extracted=pred, correct=res.correct, reward=reward, timed_out=res.timed_out)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,165 @@
+"""Verifier: verdicts, rewards, judgment labels, and the worker pool's hard per-item timeout."""
+import os
+import time
+
+import pytest
+
+from spark_megatron.config import AlgorithmConfig
+from spark_megatron.types import Prompt, TaskKind
+from spark_megatron.verify import TimeoutPool, Verifier, VerifyRequest
+from spark_megatron.verify.equivalence import pool_check
+from spark_megatron.verify.perception import (PerceptionWeights, extract_description, perception_prompt,
+                                              perception_rewards, sr1_format_score)
+
+pytestmark = pytest.mark.unit
+
+PATHOLOGICAL = r"\boxed{9^{9^{9^{9^{9}}}}}"
+
+
+# Module-level so worker processes can unpickle them.
+def sleepy_comparator(prediction, ground_truth):
+    if prediction == "slow":
+        time.sleep(60)
+    return prediction == ground_truth
+
+
+def crashing_comparator(prediction, ground_truth):
+    if prediction == "crash":
+        os._exit(3)
+    if prediction == "raise":
+        raise RuntimeError("comparator bug")
+    return prediction == ground_truth
+
+
+CALLS = []
+
+
+def counting_comparator(prediction, ground_truth):
+    CALLS.append((prediction, ground_truth))
+    return False
+
+
+def test_verdict_fields_and_reward():
+    v = Verifier()
+    assert v.verify(r"so \boxed{\frac{6}{4}}", "1.5").correct
+    verdict = v.verify(r"I think \boxed{2}", "3")
+    assert (verdict.extracted, verdict.correct, verdict.reward, verdict.timed_out) == ("2", False, 0.0, False)
+    verdict = v.verify("no box at all: 3", "3")
+    assert verdict.extracted is None and not verdict.correct and verdict.reward == 0.0
+
+
+def test_format_reward_weight():
+    v = Verifier(format_reward_weight=0.1)
+    assert v.verify(r"\boxed{3}", "3").reward == pytest.approx(1.0)
+    assert v.verify(r"\boxed{4}", "3").reward == pytest.approx(0.1)
+    assert v.verify("3", "3").reward == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        Verifier(format_reward_weight=1.5)
+
+
+@pytest.mark.parametrize("kind, text, label, ok", [
+    (TaskKind.POINTWISE, r"\boxed{yes.}", "Yes", True),
+    (TaskKind.POINTWISE, r"\boxed{No}", "Yes", False),
+    (TaskKind.POINTWISE, r"\boxed{\text{No}}", "No", True),
+    (TaskKind.POINTWISE, r"\boxed{(A)}", "A", True),
+    (TaskKind.POINTWISE, r"\boxed{B}", "A", False),
+    (TaskKind.PAIRWISE, r"\boxed{B}", "B", True),
+    (TaskKind.PAIRWISE, r"\boxed{(B) 102}", "B", True),
+    (TaskKind.PAIRWISE, r"\boxed{A}", "B", False),
+    (TaskKind.PAIRWISE, r"\boxed{both}", "B", False),
+    (TaskKind.REFLECTION, r"\boxed{0.5}", r"\frac{1}{2}", True),
+])
+def test_kinds(kind, text, label, ok):
+    assert Verifier().verify(text, label, kind).correct is ok
+
+
+def test_batch_accepts_tuples_and_dedupes_checks():
+    CALLS.clear()
+    v = Verifier(comparator=counting_comparator)
+    out = v.verify_batch([(r"\boxed{x+1}", "y")] * 5 + [VerifyRequest(r"\boxed{x+2}", "y")])
+    assert len(out) == 6 and not any(o.correct for o in out)
+    assert sorted(CALLS) == [("x+1", "y"), ("x+2", "y")]
+
+
+def test_from_config():
+    cfg = AlgorithmConfig(format_reward_weight=0.25, verify_workers=0, verify_timeout_s=2.0)
+    v = Verifier.from_config(cfg)
+    assert v.format_reward_weight == 0.25 and v.timeout_s == 2.0
+
+
+def test_pool_cuts_off_pathological_input_and_finishes_the_rest():
+    good = [(rf"\boxed{{\frac{{{i}}}{{2}}}}", str(i / 2)) for i in range(1, 7)]
+    batch = good[:3] + [(PATHOLOGICAL, "1")] + good[3:] + [(r"\boxed{x^2-1}", "(x-1)(x+1)")]
+    with Verifier(timeout_s=1.0, num_workers=2) as v:
+        t0 = time.monotonic()
+        out = v.verify_batch(batch)
+        elapsed = time.monotonic() - t0
+        assert [o.correct for o in out] == [True] * 3 + [False] + [True] * 4
+        assert [o.timed_out for o in out] == [False] * 3 + [True] + [False] * 4
+        assert elapsed < 20 and v.pool_restarts == 1
+        again = v.verify_batch(good)  # the pool keeps working after a kill
+        assert all(o.correct for o in again)
+
+
+def test_pool_with_injected_slow_comparator():
+    # Distinct strings, so the string fast path leaves every pair to the comparator.
+    with Verifier(timeout_s=0.5, num_workers=2, comparator=sleepy_comparator) as v:
+        out = v.verify_batch([(r"\boxed{a}", "b"), (r"\boxed{slow}", "x"), (r"\boxed{c}", "d")])
+    assert [o.timed_out for o in out] == [False, True, False]
+    assert not any(o.correct for o in out)
+
+
+def test_pool_survives_crash_and_exception():
+    with TimeoutPool(pool_check, 2, 5.0) as pool:
+        res = pool.map([("crash", "z", crashing_comparator), ("raise", "z", crashing_comparator),
+                        ("q", "q", crashing_comparator)])
+    assert res[0].error == "worker process died" and not res[0].timed_out
+    assert res[1].ok and res[1].value is False  # pool_check maps comparator errors to "not equal"
+    assert res[2].ok and res[2].value is True
+
+
+def test_pool_rejects_fork():
+    with pytest.raises(ValueError):
+        TimeoutPool(sleepy_comparator, 1, 1.0, start_method="fork")
+
+
+# --------------------------------------------------------------------------------------------- perception
+
+SR1 = "<description>A bar chart; the red bar is 7.</description> <think>The red bar reads 7.</think> \\boxed{7}"
+
+
+def test_description_and_format():
+    assert extract_description(SR1) == "A bar chart; the red bar is 7."
+    assert extract_description("<description>  </description>") is None
+    assert sr1_format_score(SR1) == 1.0
+    assert sr1_format_score("<think>x</think> \\boxed{7}") == 0.0
+    assert sr1_format_score("<description>d</description> \\boxed{7}") == 0.0
+
+
+def _vl_prompt():
+    return Prompt(uid="f:0", ground_truth="7", messages=[{"role": "user", "content": [
+        {"type": "image", "image": "/x.png"},
+        {"type": "text", "text": "How tall is the red bar? Put the final answer in \\boxed{}."}]}])
+
+
+def test_perception_prompt_is_text_only():
+    p = perception_prompt(_vl_prompt(), "A bar chart.")
+    content = p.messages[0]["content"]
+    assert isinstance(content, str) and "A bar chart." in content and "How tall is the red bar?" in content
+    assert p.images == [] and p.ground_truth == "7" and p.origin_uid == "f:0"
+
+
+def test_perception_rewards_combine():
+    prompts = [_vl_prompt()] * 3
+    responses = [SR1, SR1.replace("red bar is 7", "red bar is 5"), "\\boxed{7}"]
+    seen = []
+
+    def generate(batch):
+        seen.extend(batch)
+        return ["\\boxed{7}" if "is 7" in m[0]["content"] else "\\boxed{5}" for m in batch]
+
+    rewards = perception_rewards(prompts, responses, [1.0, 1.0, 1.0], generate, Verifier())
+    assert len(seen) == 2  # no description, no follow-up
+    assert rewards == pytest.approx([0.9 + 0.1 + 1.0, 0.9 + 0.1 + 0.0, 0.9])
+    w = PerceptionWeights.from_config(AlgorithmConfig(format_reward_weight=0.1, perception_reward_weight=1.0))
+    assert (w.accuracy, w.format, w.perception) == pytest.approx((0.9, 0.1, 1.0))
