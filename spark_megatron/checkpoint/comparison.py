@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spark_megatron.checkpoint import launcher
+from spark_megatron.checkpoint.hf_import import build_stage_for_loading
 from spark_megatron.checkpoint.megatron_format import load_megatron_checkpoint, read_meta
 from spark_megatron.models.families import family_for_config, load_family
 from spark_megatron.models.qwen2 import ModelSpecError
@@ -62,7 +63,7 @@ def _compare_rank(rank: int, world: int, plan: ComparePlan):
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
-        stage = family.build_stage(shape, meta.dtype)
+        stage = build_stage_for_loading(family, shape, meta.dtype)
         status = None
         try:
             load_megatron_checkpoint(stage, plan.ckpt_dir)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from spark_megatron.checkpoint import atomic, launcher
-from spark_megatron.checkpoint.hf_import import DTYPES, hf_config_dtype, stage_hf_tensor_count
+from spark_megatron.checkpoint.hf_import import (DTYPES, build_stage_for_loading, hf_config_dtype,
+                                                  stage_hf_tensor_count)
 from spark_megatron.checkpoint.megatron_format import (copy_aux_files, load_megatron_checkpoint, prepare_temp_dir,
                                                        read_meta)
 from spark_megatron.models.families import family_for_config
@@ -156,7 +157,7 @@ def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
-        stage = family.build_stage(shape, meta.dtype)
+        stage = build_stage_for_loading(family, shape, meta.dtype)
         status = None
         try:
             load_megatron_checkpoint(stage, plan.ckpt_dir)

@@ -76,6 +76,18 @@ def plan_hf_to_megatron(hf_dir, out, tp: int = 1, pp: int = 1, dtype: Optional[s
                       dtype=dtype or hf_config_dtype(read_hf_config(hf_dir)), force=force, progress=progress)
 
 
+def build_stage_for_loading(family, shape, dtype: str):
+    """This rank's stage without random initialisation (every parameter is loaded right after).
+
+    Families whose build_stage does not take `init_weights` are built the ordinary way.
+    """
+    import inspect
+
+    params = inspect.signature(family.build_stage).parameters
+    takes_kw = "init_weights" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return family.build_stage(shape, dtype, init_weights=False) if takes_kw else family.build_stage(shape, dtype)
+
+
 class _CountingReader:
     """Forwards to an HFCheckpointReader and advances a progress bar per tensor read."""
 
@@ -120,7 +132,7 @@ def _import_rank(rank: int, world: int, plan: ImportPlan) -> dict:
     rss_after_init = launcher.memory_stats()["rss_bytes"]
     t_init = time.perf_counter()
     family, shape = load_family(plan.hf_dir)
-    stage = family.build_stage(shape, plan.dtype)
+    stage = build_stage_for_loading(family, shape, plan.dtype)
     registry = family.mappings(shape)
     t_build = time.perf_counter()
     status = None

@@ -105,8 +105,7 @@ class ParamEntry:
     full_numel: int
     """Elements of the unsharded tensor."""
     norm: bool = False
-    """A transformer-layer norm weight: Megatron's local spec creates these as torch norms in fp32 whatever
-    params_dtype is (the TE spec keeps them in params_dtype)."""
+    """A norm weight (TE fuses these into the following GEMM; same element count)."""
     frozen: bool = False
     """requires_grad=False (frozen vision tower): no gradient buffer, no optimizer state."""
     shared_embedding: bool = False

@@ -31,7 +31,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-gib", type=float, default=4.0,
                    help="per-GPU reserve for CUDA context, NCCL buffers and fragmentation (default 4)")
     p.add_argument("--layer-spec", choices=["auto", "te", "local"], default="auto",
-                   help="te: flash attention, norms in params dtype; local: the CPU spec (default: auto)")
+                   help="te: flash attention; local: the CPU spec, s^2 attention scores (default: auto)")
     p.add_argument("overrides", nargs="*", help="dotted-key overrides, e.g. parallel.tensor_model_parallel_size=8")
 
 

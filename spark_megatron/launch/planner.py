@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from spark_megatron.launch.architecture import (ModelArchitecture, ParamEntry, rank_params, stage_layers,
-                                                total_params)
+from spark_megatron.launch.architecture import ModelArchitecture, rank_params, stage_layers, total_params
 from spark_megatron.launch.grad_buffers import bucket_elements, buffer_layout, owned_elements
 from spark_megatron.launch.validation import DeviceLayout, RecipeError, validate_recipe
 from spark_megatron.models.qwen2 import padded_vocab_size
@@ -40,7 +39,7 @@ class PlanOptions:
     overhead_gib: float = 4.0
     """Per-GPU memory outside the accounted tensors: CUDA context, NCCL buffers, allocator fragmentation."""
     layer_spec: str = "auto"
-    """te | local | auto (te when the target is a GPU with TE). local: fp32 norms, no flash attention."""
+    """te | local | auto (te when the target is a GPU with TE). local: no flash attention (s^2 scores kept)."""
     grad_reduce_in_fp32: bool = True
     """fp32 main gradients (what spark_megatron.train.actor configures)."""
     overlap_grad_reduce: bool = False
@@ -163,17 +162,13 @@ def _resolve_spec(cfg, opts: PlanOptions) -> str:
     return "te" if cfg.launch.container_has_te and cfg.launch.gpu_arch != "cpu" else "local"
 
 
-def _param_dtype(entry: ParamEntry, params_dtype: str, spec: str) -> str:
-    return "float32" if (entry.norm and spec == "local") else params_dtype
-
-
-def state_bytes(entries: list, params_dtype: str, spec: str, dp: int, dp_rank: int, pp_rank: int,
+def state_bytes(entries: list, params_dtype: str, dp: int, dp_rank: int, pp_rank: int,
                 distributed_optimizer: bool, opts: PlanOptions) -> dict:
     """Parameter / gradient / master / Adam bytes of one rank from its parameter list (DDP layout emulated)."""
     groups: dict = {}
     out = dict(param_bytes=0, grad_bytes=0, master_param_bytes=0, adam_bytes=0, optimizer_elements=0)
     for e in entries:
-        pdt = _param_dtype(e, params_dtype, spec)
+        pdt = params_dtype  # Float16Module casts every parameter, norms included, to bf16/fp16
         if e.frozen:
             out["param_bytes"] += e.numel * DTYPE_BYTES[pdt]
             continue
@@ -248,8 +243,7 @@ def rank_memory(cfg, arch: ModelArchitecture, lay: DeviceLayout, pp_rank: int, d
     spec = _resolve_spec(cfg, opts)
     m, par = cfg.model, cfg.parallel
     entries = rank_params(arch, lay.tp, lay.pp, pp_rank, par.make_vocab_size_divisible_by, m.freeze_vision)
-    st = state_bytes(entries, m.params_dtype, spec, lay.dp, dp_rank, pp_rank, par.use_distributed_optimizer,
-                     opts)
+    st = state_bytes(entries, m.params_dtype, lay.dp, dp_rank, pp_rank, par.use_distributed_optimizer, opts)
     act, inflight = activation_bytes(cfg, arch, lay, pp_rank, spec)
     logits = 0
     if pp_rank == lay.pp - 1:

@@ -100,6 +100,21 @@ class VLLMEngine(WeightVersioning):
         kw.update(extra)
         return LLM(**kw)
 
+    def shutdown(self) -> None:
+        """Release the engine and vLLM's process-global distributed state, so that another engine can be built
+        in this process (vLLM supports one live engine per process)."""
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        core = getattr(self._llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self._llm = None
+        gc.collect()
+        if self.placement == "standalone":  # colocated: the trainer owns torch.distributed
+            cleanup_dist_env_and_memory()
+
     @property
     def _in_process_workers(self) -> bool:
         return self.placement == "colocated" or self.cfg.tensor_parallel_size == 1 or not _cuda()

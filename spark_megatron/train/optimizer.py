@@ -7,6 +7,7 @@ finite.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -141,3 +142,35 @@ def init_states_for_load(optimizer) -> None:
             opt.init_state_fn(inner, opt.config)
         for g, lr in zip(inner.param_groups, saved_lr):
             g["lr"] = lr
+
+
+@contextlib.contextmanager
+def keep_adam_step_on_load(optimizer):
+    """While loading a DistributedOptimizer checkpoint, keep torch Adam's per-parameter `step`.
+
+    With torch's Adam (no TE / apex fused Adam) every per-parameter state carries a `step` tensor, but the
+    fully_reshardable checkpoint stores the step once in the param groups (restored by load_state_dict) and
+    not per tensor, so megatron's state setter looks it up among the loaded tensors and fails (KeyError).
+    The step is carried over from the already restored state instead.
+    """
+    patched = []
+    for opt in sub_optimizers(optimizer):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def carry(model_param, tensors, _opt=opt, _setter=setter):
+            if "step" not in tensors:
+                group, order = _opt.model_param_group_index_map[model_param]
+                state = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]]
+                if "step" in state:
+                    tensors = {**tensors, "step": state["step"].clone()}
+            return _setter(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = carry
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method

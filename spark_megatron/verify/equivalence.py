@@ -169,13 +169,14 @@ def check(prediction: Optional[str], ground_truth: str, timeout_s: Optional[floa
         return CheckResult(False)
 
 
-def pool_check(item: tuple) -> bool:
-    """Worker-side entry point: (prediction, ground_truth, comparator | None) -> equivalent.
+def pool_check(item: tuple, comparator: Optional[Comparator] = None) -> bool:
+    """Worker-side entry point: (prediction, ground_truth) -> equivalent.
 
-    Runs without an in-process timer: the pool enforces the deadline by killing the worker, which also stops
-    work that a signal cannot interrupt (huge integer powers inside C code).
+    Runs without an in-process timer: the pool enforces the limit by killing the worker, which also stops
+    work that a signal cannot interrupt (huge integer powers inside C code). Bind `comparator` with
+    functools.partial so that it is unpickled once when the worker starts, not per item.
     """
-    prediction, ground_truth, comparator = item
+    prediction, ground_truth = item
     try:
         return bool((comparator or math_equivalent)(prediction, ground_truth))
     except Exception:
@@ -190,7 +191,7 @@ def warm_up() -> None:
     """Exercise the LaTeX parser and sympy's simplification once (about 1 s of one-off cost in a fresh process),
     so that cost never lands on an answer's timeout."""
     for prediction, ground_truth in _WARM_UP_PAIRS:
-        pool_check((prediction, ground_truth, None))
+        pool_check((prediction, ground_truth))
 
 
 def is_correct(prediction: Optional[str], ground_truth: str, timeout_s: Optional[float] = 5.0) -> bool:

@@ -5,14 +5,19 @@ the whole pool. Here every worker owns a pipe; the parent hands out one item at 
 the nearest deadline as timeout, and replaces a worker it had to kill. Workers are started with `forkserver`
 (or `spawn`), never `fork`: the trainer process holds threads, CUDA contexts and process groups that must
 not be duplicated.
+
+Deadlines count the worker's CPU time (from /proc where available), not wall time, so a busy machine that
+starves the workers does not turn ordinary answers into timeouts; a wall-clock cap (`wall_factor` x the limit)
+still ends a worker that hangs without using CPU.
 """
 from __future__ import annotations
 
 import collections
 import multiprocessing as mp
+import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +32,45 @@ class PoolResult:
     @property
     def ok(self) -> bool:
         return not self.timed_out and self.error is None
+
+
+def _cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU seconds of a process from /proc/<pid>/stat; None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class _ItemClock:
+    """Time spent by one worker on its current item: CPU time where measurable, else wall time."""
+
+    pid: int
+    limit: float
+    wall_cap: float
+    started: float = field(default_factory=time.monotonic)
+    cpu_start: Optional[float] = None
+    check_at: float = 0.0
+    """Earliest moment the item can be over its limit (a single-threaded worker's CPU time <= wall time)."""
+
+    def __post_init__(self):
+        self.cpu_start = _cpu_seconds(self.pid)
+        self.check_at = self.started + self.limit
+
+    def used(self, now: float) -> float:
+        cpu = _cpu_seconds(self.pid) if self.cpu_start is not None else None
+        return now - self.started if cpu is None else cpu - self.cpu_start
+
+    def expired(self, now: float) -> bool:
+        """True if over the limit; otherwise moves `check_at` to the next moment it could be."""
+        used = self.used(now)
+        if used >= self.limit or now - self.started >= self.wall_cap:
+            return True
+        self.check_at = min(now + max(self.limit - used, 0.01), self.started + self.wall_cap)
+        return False
 
 
 def _serve(conn, fn, init) -> None:
@@ -86,11 +130,13 @@ class TimeoutPool:
     counts against an item's deadline; workers start in the background while the others keep working.
     `preload` names modules the forkserver imports once so that (re)started workers come up quickly.
     `prefetch` items are queued per worker, hiding the parent's wake-up latency on a busy machine.
+    `timeout_s` is CPU time per item, capped at `wall_factor * timeout_s` of wall time.
     """
 
     def __init__(self, fn: Callable[[Any], Any], num_workers: int, timeout_s: float,
                  start_method: str = "forkserver", preload: Sequence[str] = (),
-                 init: Optional[Callable[[], None]] = None, start_timeout_s: float = 120.0, prefetch: int = 4):
+                 init: Optional[Callable[[], None]] = None, start_timeout_s: float = 120.0, prefetch: int = 8,
+                 wall_factor: float = 10.0):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if start_method == "fork":
@@ -100,6 +146,7 @@ class TimeoutPool:
         self.timeout_s = float(timeout_s)
         self.start_timeout_s = start_timeout_s
         self.prefetch = max(1, prefetch)
+        self.wall_factor = max(1.0, wall_factor)
         self._ctx = mp.get_context(start_method)
         if start_method == "forkserver" and preload:
             self._ctx.set_forkserver_preload(list(preload))
@@ -115,8 +162,11 @@ class TimeoutPool:
         self._workers[slot] = None
         self.restarts += 1
 
-    def _dispatch(self, pending: collections.deque, flight: dict, deadline: dict) -> None:
-        """Top up every ready worker to `prefetch` items; start workers for empty slots while work remains."""
+    def _dispatch(self, pending: collections.deque, flight: dict, clocks: dict) -> None:
+        """Top up every ready worker to `prefetch` items (less near the end of a batch, so that no worker idles
+        while another holds a backlog); start workers for empty slots while work remains."""
+        outstanding = len(pending) + sum(len(q) for q in flight.values())
+        depth = min(self.prefetch, max(1, -(-outstanding // self.num_workers)))
         for slot in range(self.num_workers):
             if not pending:
                 return
@@ -126,12 +176,15 @@ class TimeoutPool:
             if not worker.ready:
                 continue
             queue = flight.setdefault(slot, collections.deque())
-            while pending and len(queue) < self.prefetch:
+            while pending and len(queue) < depth:
                 index, item = pending.popleft()
                 worker.conn.send((index, item))
                 if not queue:
-                    deadline[slot] = time.monotonic() + self.timeout_s
+                    clocks[slot] = self._clock(slot)
                 queue.append((index, item))
+
+    def _clock(self, slot: int) -> _ItemClock:
+        return _ItemClock(self._workers[slot].proc.pid, self.timeout_s, self.timeout_s * self.wall_factor)
 
     def _on_started(self, slot: int) -> None:
         worker = self._workers[slot]
@@ -143,15 +196,15 @@ class TimeoutPool:
             self._kill(slot)
             raise RuntimeError(f"pool worker failed to start (exit code {worker.proc.exitcode})")
 
-    def _abandon(self, slot: int, result: PoolResult, results: list, pending, flight: dict, deadline: dict) -> None:
+    def _abandon(self, slot: int, result: PoolResult, results: list, pending, flight: dict, clocks: dict) -> None:
         """The head item of `slot` gets `result`; items queued behind it go back to the front of `pending`."""
         queue = flight.pop(slot)
-        deadline.pop(slot, None)
+        clocks.pop(slot, None)
         results[queue.popleft()[0]] = result
         pending.extendleft(reversed(queue))
         self._kill(slot)
 
-    def _receive(self, slot: int, results: list, pending, flight: dict, deadline: dict) -> None:
+    def _receive(self, slot: int, results: list, pending, flight: dict, clocks: dict) -> None:
         conn, queue = self._workers[slot].conn, flight[slot]
         try:
             while queue and conn.poll():
@@ -160,37 +213,37 @@ class TimeoutPool:
                 queue.popleft()
                 results[index] = PoolResult(value=value) if ok else PoolResult(error=value)
                 # The worker starts its next item as soon as it sends this result.
-                deadline[slot] = time.monotonic() + self.timeout_s
+                clocks[slot] = self._clock(slot)
         except (EOFError, OSError):
-            self._abandon(slot, PoolResult(error="worker process died"), results, pending, flight, deadline)
+            self._abandon(slot, PoolResult(error="worker process died"), results, pending, flight, clocks)
             return
         if not queue:
-            del flight[slot], deadline[slot]
+            del flight[slot], clocks[slot]
 
     def map(self, items: Sequence[Any]) -> list[PoolResult]:
         """Results in input order. An item past its deadline gets `timed_out=True`; the rest still complete.
 
-        Each worker holds up to `prefetch` items so it never waits for the parent to be scheduled; the deadline
+        Each worker holds up to `prefetch` items so it never waits for the parent to be scheduled; the clock
         runs for the item a worker is on (from when the previous result arrived).
         """
         results: list[Optional[PoolResult]] = [None] * len(items)
         pending = collections.deque(enumerate(items))
         flight: dict = {}  # slot -> deque of (index, item) sent, oldest = being worked on
-        deadline: dict = {}  # slot -> deadline of its oldest item
+        clocks: dict = {}  # slot -> _ItemClock of its oldest item
         while pending or flight:
-            self._dispatch(pending, flight, deadline)
+            self._dispatch(pending, flight, clocks)
             starting = [s for s, w in enumerate(self._workers) if w is not None and not w.ready]
-            waits = list(deadline.values()) + [self._workers[s].start_deadline for s in starting]
+            waits = [c.check_at for c in clocks.values()] + [self._workers[s].start_deadline for s in starting]
             by_conn = {self._workers[s].conn: s for s in list(flight) + starting}
             for conn in wait(list(by_conn), timeout=max(0.0, min(waits) - time.monotonic())):
                 slot = by_conn[conn]
                 if slot in flight:
-                    self._receive(slot, results, pending, flight, deadline)
+                    self._receive(slot, results, pending, flight, clocks)
                 else:
                     self._on_started(slot)
             now = time.monotonic()
-            for slot in [s for s, d in deadline.items() if now >= d]:
-                self._abandon(slot, PoolResult(timed_out=True), results, pending, flight, deadline)
+            for slot in [s for s, c in clocks.items() if now >= c.check_at and c.expired(now)]:
+                self._abandon(slot, PoolResult(timed_out=True), results, pending, flight, clocks)
             for slot in starting:
                 worker = self._workers[slot]
                 if worker is not None and not worker.ready and now >= worker.start_deadline:

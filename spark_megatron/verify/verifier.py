@@ -1,6 +1,7 @@
 """The verifier: response text + ground truth -> Verdict (extracted answer, correctness, reward)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -41,15 +42,16 @@ def _judgment_check(extracted: str, label: str) -> CheckResult:
 class Verifier:
     """Checks responses against ground truths; math equivalence runs in a pool with a hard per-item timeout.
 
-    num_workers=0 checks in-process (bounded by a SIGALRM timer in the main thread only; C-level work such as
-    a huge integer power cannot be interrupted that way). num_workers>=1 uses worker processes that are
-    killed at the deadline, so one pathological answer costs `timeout_s` and is counted wrong (timed_out).
+    num_workers=0 checks in-process (bounded by a wall-clock SIGALRM timer in the main thread only; C-level work
+    such as a huge integer power cannot be interrupted that way). num_workers>=1 uses worker processes that are
+    killed when an answer has used `timeout_s` of CPU time (or `wall_factor * timeout_s` of wall time), so one
+    pathological answer costs about `timeout_s` and is counted wrong (timed_out) while the batch completes.
 
     `comparator` replaces math-verify (a test hook; must be a picklable module-level function).
     """
 
     def __init__(self, timeout_s: float = 5.0, num_workers: int = 0, format_reward_weight: float = 0.0,
-                 comparator: Optional[Comparator] = None, start_method: str = "forkserver"):
+                 comparator: Optional[Comparator] = None, start_method: str = "forkserver", wall_factor: float = 10.0):
         if not 0.0 <= format_reward_weight <= 1.0:
             raise ValueError(f"format_reward_weight must be in [0, 1], got {format_reward_weight}")
         self.timeout_s = timeout_s
@@ -57,9 +59,9 @@ class Verifier:
         self.comparator = comparator
         self._pool = None
         if num_workers > 0:
-            self._pool = TimeoutPool(pool_check, num_workers, timeout_s, start_method=start_method,
+            self._pool = TimeoutPool(functools.partial(pool_check, comparator=comparator), num_workers, timeout_s, start_method=start_method,
                                      preload=("spark_megatron.verify.equivalence", "math_verify"),
-                                     init=None if comparator else warm_up)
+                                     init=None if comparator else warm_up, wall_factor=wall_factor)
 
     @classmethod
     def from_config(cls, cfg) -> "Verifier":
@@ -104,7 +106,7 @@ class Verifier:
             return []
         if self._pool is None:
             return [check(p, g, self.timeout_s, self.comparator) for p, g in pairs]
-        results = self._pool.map([(p, g, self.comparator) for p, g in pairs])
+        results = self._pool.map(pairs)
         return [CheckResult(bool(r.value) if r.ok else False, timed_out=r.timed_out) for r in results]
 
     def _verdict(self, req: VerifyRequest, pred: Optional[str], res: CheckResult) -> Verdict:

@@ -1,4 +1,5 @@
 """Verifier: verdicts, rewards, judgment labels, and the worker pool's hard per-item timeout."""
+import functools
 import os
 import time
 
@@ -19,7 +20,14 @@ PATHOLOGICAL = r"\boxed{9^{9^{9^{9^{9}}}}}"
 # Module-level so worker processes can unpickle them.
 def sleepy_comparator(prediction, ground_truth):
     if prediction == "slow":
-        time.sleep(60)
+        time.sleep(60)  # uses no CPU: only the wall-clock cap ends it
+    return prediction == ground_truth
+
+
+def spinning_comparator(prediction, ground_truth):
+    if prediction == "slow":
+        while True:  # burns CPU: the CPU-time limit ends it
+            pass
     return prediction == ground_truth
 
 
@@ -101,18 +109,32 @@ def test_pool_cuts_off_pathological_input_and_finishes_the_rest():
         assert all(o.correct for o in again)
 
 
-def test_pool_with_injected_slow_comparator():
+@pytest.mark.parametrize("comparator, wall_factor", [(spinning_comparator, 10.0), (sleepy_comparator, 2.0)])
+def test_pool_with_injected_slow_comparator(comparator, wall_factor):
     # Distinct strings, so the string fast path leaves every pair to the comparator.
-    with Verifier(timeout_s=0.5, num_workers=2, comparator=sleepy_comparator) as v:
-        out = v.verify_batch([(r"\boxed{a}", "b"), (r"\boxed{slow}", "x"), (r"\boxed{c}", "d")])
-    assert [o.timed_out for o in out] == [False, True, False]
+    batch = [(r"\boxed{a}", "b"), (r"\boxed{slow}", "x"), (r"\boxed{c}", "d"), (r"\boxed{e}", "e!")]
+    with Verifier(timeout_s=0.5, num_workers=2, comparator=comparator, wall_factor=wall_factor) as v:
+        t0 = time.monotonic()
+        out = v.verify_batch(batch)
+        assert time.monotonic() - t0 < 30  # the sleeping item alone would take 60 s
+    assert [o.timed_out for o in out] == [False, True, False, False]
     assert not any(o.correct for o in out)
 
 
+def test_cpu_clock_ignores_time_spent_waiting_for_the_cpu():
+    from spark_megatron.verify.pool import _cpu_seconds, _ItemClock
+
+    assert _cpu_seconds(os.getpid()) is not None
+    clock = _ItemClock(os.getpid(), limit=1.0, wall_cap=100.0)
+    time.sleep(0.2)
+    assert not clock.expired(clock.started + 5.0)  # 5 s "elapsed" but little CPU used: not over the limit
+    assert clock.check_at > clock.started + 5.0
+    assert clock.expired(clock.started + 100.0)  # the wall-clock cap
+
+
 def test_pool_survives_crash_and_exception():
-    with TimeoutPool(pool_check, 2, 5.0) as pool:
-        res = pool.map([("crash", "z", crashing_comparator), ("raise", "z", crashing_comparator),
-                        ("q", "q", crashing_comparator)])
+    with TimeoutPool(functools.partial(pool_check, comparator=crashing_comparator), 2, 5.0) as pool:
+        res = pool.map([("crash", "z"), ("raise", "z"), ("q", "q")])
     assert res[0].error == "worker process died" and not res[0].timed_out
     assert res[1].ok and res[1].value is False  # pool_check maps comparator errors to "not equal"
     assert res[2].ok and res[2].value is True
