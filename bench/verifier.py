@@ -1,6 +1,6 @@
 """Verifier throughput (process pool vs in-process) and the hard timeout on a pathological answer.
 
-    python bench/verifier.py [--items 600] [--workers 2] [--timeout 2]
+    python bench/verifier.py [--items 400] [--workers 2] [--timeout 2]
 
 Prints a table and exits 0 when every check holds (pool results equal in-process results, the pathological
 item is cut off and counted wrong, all other items complete correctly); exits 1 otherwise.
@@ -67,7 +67,7 @@ def timed(verifier: Verifier, items: list) -> tuple:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=600)
+    ap.add_argument("--items", type=int, default=400)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=2.0, help="per-answer limit, worker CPU seconds")
     args = ap.parse_args()

@@ -8,6 +8,7 @@ process is one rank (NCCL on GPUs). The output directory appears only when the c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     rc = run_cli(convert_hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
                  progress=not a.no_progress, timeout_s=a.timeout)
-    if rc == 0:
+    if rc == 0 and os.environ.get("RANK", "0") == "0":
         print(f"wrote {a.out} (TP {a.tp}, PP {a.pp})")
     return rc
 

@@ -9,6 +9,7 @@ spawned gloo processes on this machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
 
     a = build_parser().parse_args(argv)
     rc = run_cli(_export, a)
-    if rc == 0:
+    if rc == 0 and os.environ.get("RANK", "0") == "0":
         print(f"wrote {a.out}")
     return rc
 

@@ -127,8 +127,8 @@ class AlgorithmConfig:
     adv_estimator: str = "grpo"
     """Advantage estimator by name: grpo | grpo_mean_only (no std division)."""
     verify_timeout_s: float = 5.0
-    """Per-answer limit on the math-equivalence check (worker CPU seconds; wall seconds in-process); an answer
-    past it counts wrong (timed_out)."""
+    """Per-answer limit, in CPU seconds, on the math-equivalence check; an answer past it counts wrong
+    (timed_out)."""
     verify_workers: int = 2
     """Verifier worker processes (killed at the timeout); 0 = in-process (signal timer, main thread only)."""
     recycle: RecycleConfig = field(default_factory=RecycleConfig)

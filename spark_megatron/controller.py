@@ -54,7 +54,7 @@ class SparkTrainer:
         self.roles = build_roles(cfg, hf_dir, self.is_driver)
         rc = cfg.algorithm.recycle
         self.recycler = RecycleBuilder(rc, seed=cfg.seed)
-        self.queue = RecycleQueue()
+        self.queue = RecycleQueue(max_size=rc.queue_max_size)
         self.scheduler = RecycleScheduler(rc, cfg.data.prompts_per_step)
         self.sequences = SequenceBuilder(self.roles.tokenizer, cfg.algorithm, cfg.rollout)
         self.state = RunState(cfg, self.roles, self.queue, self.is_driver)

@@ -228,4 +228,5 @@ def export_megatron_to_hf(ckpt_dir, out, tp: int = 1, pp: int = 1, dtype: Option
     try:
         return launcher.run_layout(_export_rank, tp * pp, plan, timeout_s=timeout_s)
     finally:
-        atomic.remove_stale_temps(plan.out)
+        if not launcher.under_torchrun():  # pids of other nodes' writers mean nothing here
+            atomic.remove_stale_temps(plan.out)

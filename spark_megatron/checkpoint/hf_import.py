@@ -173,4 +173,5 @@ def convert_hf_to_megatron(hf_dir, out, tp: int = 1, pp: int = 1, dtype: Optiona
     try:
         return launcher.run_layout(_import_rank, tp * pp, plan, timeout_s=timeout_s)
     finally:
-        atomic.remove_stale_temps(plan.out)
+        if not launcher.under_torchrun():  # pids of other nodes' writers mean nothing here
+            atomic.remove_stale_temps(plan.out)

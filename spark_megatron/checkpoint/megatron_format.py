@@ -226,28 +226,60 @@ def _local_padded_vocab(chunks) -> Optional[int]:
     return None
 
 
+def _mismatch(sharded: dict, ckpt_dir, meta: CheckpointMeta, chunks) -> Optional[str]:
+    """This rank's reason the checkpoint cannot fill its stage (None if it can), found from metadata only."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    local_vocab = _local_padded_vocab(chunks)
+    if local_vocab is not None and local_vocab != meta.padded_vocab_size:
+        return (f"{ckpt_dir}: saved with padded vocab {meta.padded_vocab_size}, this layout pads to "
+                f"{local_vocab} (choose a TP that divides the padding unit)")
+    try:
+        stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    except Exception as e:  # noqa: BLE001 - any unreadable metadata is one user-facing error
+        return f"{ckpt_dir}: unreadable dist-checkpoint metadata ({type(e).__name__}: {str(e)[:200]})"
+    for item in nested_values(sharded):
+        if not isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            continue
+        if item.key not in stored:
+            return f"{ckpt_dir}: tensor '{item.key}' is not in the checkpoint (a different model?)"
+        if isinstance(item, ShardedTensor) and not item.allow_shape_mismatch \
+                and tuple(stored[item.key].global_shape) != tuple(item.global_shape):
+            return (f"{ckpt_dir}: tensor '{item.key}' has shape {tuple(stored[item.key].global_shape)} in the "
+                    f"checkpoint, the model expects {tuple(item.global_shape)}")
+    return None
+
+
+def _first_error_everywhere(reason: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's error reason on every rank, so all ranks skip the collective load together."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return reason
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r), None)
+
+
 def load_megatron_checkpoint(stage, ckpt_dir) -> CheckpointMeta:
     """Load the model part of a checkpoint into this rank's stage at the current TP/PP; returns its meta.
 
-    Other top-level entries (optimizer, ...) are ignored, so a trainer checkpoint loads model-only here.
+    All ranks call. Other top-level entries (optimizer, ...) are ignored, so a trainer checkpoint loads
+    model-only here. A checkpoint that does not fit the stage raises CheckpointError on every rank (checked
+    collectively from metadata first, so no rank is left waiting inside the collective load).
     """
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     meta = read_meta(ckpt_dir)
     chunks = _as_chunks(stage)
-    local_vocab = _local_padded_vocab(chunks)
-    if local_vocab is not None and local_vocab != meta.padded_vocab_size:
-        raise CheckpointError(f"{ckpt_dir}: saved with padded vocab {meta.padded_vocab_size}, this layout "
-                              f"pads to {local_vocab} (choose a TP that divides the padding unit)")
     sharded = model_sharded_state_dict(chunks)
-    try:
-        loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
-    except (CheckpointingException, FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt_dir}: cannot load model weights ({type(e).__name__}: {first[:300]})") \
-            from None
+    reason = _first_error_everywhere(_mismatch(sharded, ckpt_dir, meta, chunks))
+    if reason:
+        raise CheckpointError(reason)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     for key, chunk in zip(model_state_keys(chunks), chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     return meta

@@ -88,8 +88,9 @@ def cmd_plan(args) -> int:
     report = plan(cfg, arch, opts)
     print(format_report(report))
     if args.json:
+        data = dataclasses.asdict(report) | {"peak_bytes": report.peak_bytes, "fits": report.fits}
         with open(args.json, "w") as f:
-            json.dump(dataclasses.asdict(report), f, indent=1)
+            json.dump(data, f, indent=1)
     check_fits(report)
     return 0
 
@@ -100,7 +101,7 @@ def cmd_launch(args) -> int:
     from spark_megatron.launch.report import format_report
 
     cfg, arch, opts = _load(args)
-    report = plan(cfg, arch, opts)  # raises RecipeError before anything is written or submitted
+    report = plan(cfg, arch, opts, launching=True)  # RecipeError before anything is written or submitted
     if not args.no_memory_check:
         check_fits(report)
     out = launch(cfg, dryrun=args.dryrun)

@@ -1,18 +1,21 @@
 """NeMo-Run experiments for a recipe: torchrun under a LocalExecutor (one node) or a SlurmExecutor (Pyxis).
 
-Every rank runs `python -m spark_megatron.launch.train_entry --config <resolved recipe>`. The resolved recipe
-(overrides applied) travels inside the NeMo-Run job directory, which Slurm mounts at /nemo_run in the
-container, so the job does not depend on the launching machine's checkout. A plain `run.Packager` ships no code:
-the container image carries the installed package (see Dockerfile).
+Every rank runs `python -m spark_megatron.launch.train_entry --config <resolved recipe>`. On Slurm the resolved
+recipe (overrides applied) is embedded in the sbatch script, which writes it into the NeMo-Run job directory
+(mounted at /nemo_run in the container) before starting the ranks: the job depends neither on the launching
+machine's files nor on the tunnel (local or SSH). Locally the ranks read the copy under <output_dir>/launch/. A
+plain `run.Packager` ships no code: the container image carries the installed package (see Dockerfile).
 
 `--dryrun` renders everything NeMo-Run would submit without submitting: the sbatch script (Slurm) and the exact
 torchrun command are copied into `<output_dir>/launch/<experiment id>/` next to the resolved recipe.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from spark_megatron.config import to_dict
 TRAIN_MODULE = "spark_megatron.launch.train_entry"
 TASK_NAME = "train"
 CONFIG_NAME = "spark_config.yaml"
+CONFIG_EOF = "SPARK_RECIPE_EOF"
 DEFAULT_ENV = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # Megatron's TP/SP overlap relies on in-order kernel launch
     "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
@@ -90,27 +94,34 @@ def _tunnel(run, lc, base_dir: Path):
     return run.LocalTunnel(job_dir=str(base_dir / "experiments"))
 
 
-def build_executor(run, cfg, base_dir: Path):
+def recipe_setup_lines(recipe_yaml: str, job_dir_on_cluster: str) -> str:
+    """sbatch lines that write the resolved recipe where the ranks read it (a quoted heredoc: no expansion)."""
+    if CONFIG_EOF in recipe_yaml:
+        raise LaunchError(f"the recipe contains the heredoc terminator {CONFIG_EOF}")
+    target = f"{job_dir_on_cluster}/configs/{CONFIG_NAME}"
+    return (f"mkdir -p {shlex.quote(job_dir_on_cluster)}/configs\n"
+            f"cat > {shlex.quote(target)} <<'{CONFIG_EOF}'\n{recipe_yaml.rstrip()}\n{CONFIG_EOF}")
+
+
+def build_executor(run, cfg, base_dir: Path, setup_lines: Optional[str] = None):
     """run.LocalExecutor or run.SlurmExecutor with the torchrun launcher for this recipe."""
     lc = cfg.launch
     if lc.executor == "local":
-        return run.LocalExecutor(ntasks_per_node=lc.gpus_per_node, launcher="torchrun", env_vars=job_env(cfg))
+        # torchrun and python from this interpreter's environment, activated or not
+        env = job_env(cfg) | {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
+        return run.LocalExecutor(ntasks_per_node=lc.gpus_per_node, launcher="torchrun", env_vars=env)
     return run.SlurmExecutor(
         account=lc.account, partition=lc.partition, job_name_prefix=f"{lc.job_name}-", time=lc.time_limit,
         nodes=lc.nodes, ntasks_per_node=lc.gpus_per_node, gpus_per_node=lc.gpus_per_node, qos=lc.qos,
         exclusive=True if lc.exclusive else None, container_image=lc.container_image,
         container_mounts=container_mounts(cfg), env_vars=job_env(cfg), tunnel=_tunnel(run, lc, base_dir),
-        packager=run.Packager(), launcher="torchrun")
+        packager=run.Packager(), launcher="torchrun", setup_lines=setup_lines)
 
 
-def config_path_in_job(cfg, job_dir: str) -> str:
-    """Where the ranks read the resolved recipe: /nemo_run/configs/... inside a Slurm container (NeMo-Run
-    rewrites /nemo_run to the job directory when running without a container), the local path otherwise."""
-    from nemo_run.config import RUNDIR_NAME
-
-    if cfg.launch.executor == "slurm":
-        return f"/{RUNDIR_NAME}/configs/{CONFIG_NAME}"
-    return os.path.join(job_dir, "configs", CONFIG_NAME)
+def cluster_job_dir(cfg, base_dir: Path, title: str, exp_id: str) -> str:
+    """The task's job directory as the cluster sees it (what NeMo-Run mounts at /nemo_run)."""
+    root = cfg.launch.remote_job_dir if cfg.launch.tunnel == "ssh" else str(base_dir / "experiments")
+    return os.path.join(root, title, exp_id, TASK_NAME)
 
 
 def torchrun_command_from_sbatch(script: str) -> str:
@@ -120,6 +131,26 @@ def torchrun_command_from_sbatch(script: str) -> str:
             cmd = line[line.index("torchrun "):]
             return cmd.split(" & pids[")[0].strip()
     raise LaunchError("the rendered sbatch script has no srun ... torchrun line")
+
+
+@contextlib.contextmanager
+def _detached_stdin():
+    """NeMo-Run packages through `invoke`, which mirrors our stdin into its shell commands: with a pipe or a
+    captured stdin (CI, pytest) that read fails or blocks. The launcher never needs stdin, so give it /dev/null."""
+    try:
+        interactive = sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError, OSError):
+        interactive = False
+    if interactive:
+        yield
+        return
+    saved = sys.stdin
+    with open(os.devnull) as null:
+        sys.stdin = null
+        try:
+            yield
+        finally:
+            sys.stdin = saved
 
 
 def _experiment_id(cfg) -> str:
@@ -135,22 +166,26 @@ def launch(cfg, dryrun: bool = True, experiment_id: Optional[str] = None) -> Lau
     title = cfg.launch.job_name
     base_dir = Path(cfg.launch.nemo_run_dir or Path(cfg.output_dir) / "nemo_run").absolute()
     exp_dir = base_dir / "experiments" / title / exp_id
-    job_dir = exp_dir / TASK_NAME
     resolved_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    script = run.Script(path=TRAIN_MODULE, entrypoint="python", m=True,
-                        args=["--config", config_path_in_job(cfg, str(job_dir))])
-    executor = build_executor(run, cfg, base_dir)
     artifacts_dir = Path(cfg.output_dir).absolute() / "launch" / exp_id
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     resolved = artifacts_dir / CONFIG_NAME
     resolved.write_text(resolved_yaml)
-    with run.Experiment(title, executor=executor, id=exp_id, base_dir=str(base_dir), clean_mode=dryrun) as exp:
+    if cfg.launch.executor == "slurm":
+        from nemo_run.config import RUNDIR_NAME
+
+        setup = recipe_setup_lines(resolved_yaml, cluster_job_dir(cfg, base_dir, title, exp_id))
+        # inside the container the job directory is /nemo_run (NeMo-Run rewrites it without a container)
+        config_arg = f"/{RUNDIR_NAME}/configs/{CONFIG_NAME}"
+    else:
+        setup, config_arg = None, str(resolved)
+    script = run.Script(path=TRAIN_MODULE, entrypoint="python", m=True, args=["--config", config_arg])
+    executor = build_executor(run, cfg, base_dir, setup)
+    with _detached_stdin(), run.Experiment(title, executor=executor, id=exp_id, base_dir=str(base_dir),
+                                           clean_mode=dryrun) as exp:
         exp.add(script, name=TASK_NAME)
-        written = exp.jobs[0].executor.package_configs((CONFIG_NAME, resolved_yaml))[0]
-        if written != script.args[-1]:
-            raise LaunchError(f"NeMo-Run placed the recipe at {written}, the ranks would read {script.args[-1]}")
         if dryrun:
-            exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
+            exp.dryrun(log=False, delete_exp_dir=False)
         else:
             exp.run(detach=cfg.launch.executor == "slurm", tail_logs=cfg.launch.executor == "local")
         job = exp.jobs[0]

@@ -232,7 +232,8 @@ def activation_bytes(cfg, arch: ModelArchitecture, lay: DeviceLayout, pp_rank: i
         block = layer_activation_bytes(patches, patches, 1, v.hidden_size, v.num_heads, v.num_heads,
                                        v.hidden_size // v.num_heads, v.intermediate_size, lay.tp, e, False,
                                        fp8, flash)
-        total += block * v.depth * inflight  # the tower is not recomputed
+        # the tower is not recomputed; it runs in the first model chunk only
+        total += block * v.depth * min(lay.pp - pp_rank, lay.microbatches)
     return total, inflight
 
 
@@ -273,8 +274,9 @@ def rollout_memory(cfg, arch: ModelArchitecture, lay: DeviceLayout, device_bytes
         share = int(ro.gpu_memory_utilization * device_bytes)
         kv = share - weights
     tokens = max(0, kv) // kv_per_token
-    return RolloutMemory(share_bytes=share, weight_bytes=weights, kv_cache_bytes=kv, kv_bytes_per_token=kv_per_token,
-                         kv_tokens=tokens, sequences_at_max_len=tokens // (ro.max_prompt_tokens + ro.max_response_tokens))
+    seq = ro.max_prompt_tokens + ro.max_response_tokens
+    return RolloutMemory(share_bytes=share, weight_bytes=weights, kv_cache_bytes=kv,
+                         kv_bytes_per_token=kv_per_token, kv_tokens=tokens, sequences_at_max_len=tokens // seq)
 
 
 def sync_traffic(cfg, arch: ModelArchitecture, lay: DeviceLayout) -> SyncTraffic:
@@ -305,11 +307,11 @@ def _phases(stages: list, rollout: RolloutMemory, sync: SyncTraffic, colocated: 
     return out
 
 
-def plan(cfg, arch: ModelArchitecture, opts: Optional[PlanOptions] = None) -> PlanReport:
-    """Validate the recipe (RecipeError) and compute its per-GPU memory plan. Does not check that it fits:
-    see `PlanReport.fits` / `check_fits`."""
+def plan(cfg, arch: ModelArchitecture, opts: Optional[PlanOptions] = None, launching: bool = False) -> PlanReport:
+    """Validate the recipe (RecipeError; `launching` adds the executor's checks) and compute its per-GPU memory
+    plan. Does not check that it fits: see `PlanReport.fits` / `check_fits`."""
     opts = opts or PlanOptions()
-    lay = validate_recipe(cfg, arch)
+    lay = validate_recipe(cfg, arch, launching)
     device = int((opts.gpu_memory_gib or cfg.launch.gpu_memory_gib) * GIB)
     stages = []
     for p in range(lay.pp):

@@ -35,7 +35,8 @@ def _stage_rows(r: PlanReport) -> list:
 
 def format_report(r: PlanReport) -> str:
     lay = r.layout
-    out = [f"model        {r.architecture} ({r.total_params / 1e9:.2f} B params) from {r.model_source}",
+    size = f"{r.total_params / 1e9:.2f} B" if r.total_params >= 1e8 else f"{r.total_params / 1e6:.2f} M"
+    out = [f"model        {r.architecture} ({size} params) from {r.model_source}",
            f"layout       {lay.world} GPUs: actor TP {lay.tp} x PP {lay.pp} x DP {lay.dp}"
            f"{f' (VPP {lay.vpp})' if lay.vpp else ''}; vLLM {lay.engines} engine(s) x TP {lay.rollout_tp} "
            f"({'colocated' if lay.colocated else f'{lay.rollout_gpus} dedicated GPUs'})",

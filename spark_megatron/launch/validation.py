@@ -202,9 +202,10 @@ def _executor_problems(cfg) -> list:
     return problems
 
 
-def validate_recipe(cfg, arch: ModelArchitecture) -> DeviceLayout:
-    """Every check at once; raises RecipeError listing all problems, else returns the device layout."""
-    problems = _precision_problems(cfg) + _executor_problems(cfg)
+def validate_recipe(cfg, arch: ModelArchitecture, launching: bool = False) -> DeviceLayout:
+    """Every check at once (with `launching`, also what the executor needs: account, tunnel, mounts);
+    raises RecipeError listing all problems, else returns the device layout."""
+    problems = _precision_problems(cfg) + (_executor_problems(cfg) if launching else [])
     try:
         lay = device_layout(cfg)
     except RecipeError as e:

@@ -7,7 +7,7 @@ update, then load bucket by bucket) and stamps a policy version that every later
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
@@ -181,5 +181,3 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     """[s, vocab] logits, [s] next tokens -> [s] float32 logprobs."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
-
-ImageLoader = Callable[[object], object]

@@ -70,12 +70,9 @@ class Bucket:
 class BucketBuffer:
     """The one reusable byte buffer of a push, sized for the largest bucket of the plan."""
 
-    def __init__(self, plan: SyncPlan, device=None, tracker: Optional[LiveBytes] = None,
-                 pin: bool = False):
+    def __init__(self, plan: SyncPlan, device=None, tracker: Optional[LiveBytes] = None):
         self.capacity = plan.max_bucket_nbytes
         buf = torch.empty(self.capacity, dtype=torch.uint8, device=device)
-        if pin and buf.device.type == "cpu" and torch.cuda.is_available():
-            buf = buf.pin_memory()
         self.buffer = tracker.track(buf) if tracker is not None else buf
 
     def bucket(self, plan: BucketPlan) -> Bucket:

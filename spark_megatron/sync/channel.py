@@ -111,48 +111,58 @@ class ChannelSink:
         self.channel.send_obj({"op": "close"})
 
 
-def _reply(channel: SyncChannel, msg: Optional[str]) -> None:
-    """Engine members answer in turn (every member takes part in every broadcast)."""
+def _exchange(channel: SyncChannel, msg: Optional[str]) -> Optional[str]:
+    """Engine members answer in turn (every member takes part in every broadcast, so each also learns the others'
+    answers); returns the first error among all engine members."""
+    answers = []
     for r in range(1, channel.size):
         if r == channel.rank:
             channel.send_obj(msg)
+            answers.append(msg)
         else:
-            channel.recv_obj(src=r)
+            answers.append(channel.recv_obj(src=r))
+    return next((a for a in answers if a), None)
 
 
-def _receive_buckets(channel: SyncChannel, sinks: list, plan: SyncPlan) -> Optional[str]:
+def _receive_buckets(channel: SyncChannel, sinks: list, plan: SyncPlan) -> tuple:
+    """Receive and load buckets until the actor commits or aborts -> (aborted, failure message or None)."""
     buf = BucketBuffer(plan, channel.device)
     failure = None
     while True:
         idx = channel.header(0, src=0)
-        if idx == _ABORT:
-            reason = channel.recv_obj(src=0)
-            for s in sinks:
-                s.abort(f"actor aborted the push: {reason}")
-            return f"actor aborted the push: {reason}"
-        if idx == _COMMIT:
-            return failure
+        if idx in (_ABORT, _COMMIT):
+            break
         bucket = buf.bucket(plan.buckets[idx])
         channel.broadcast(bucket.flat, src=0)
         if failure is None:
             try:
                 for s in sinks:
                     s.push(bucket)
-            except WeightSyncError as e:
+            except WeightSyncError as e:  # keep receiving: the actor side is still sending
                 failure = str(e)
+    if idx == _ABORT:
+        failure = f"actor aborted the push: {channel.recv_obj(src=0)}"
+    if failure is not None:
+        for s in sinks:
+            s.abort(failure)
+    return idx == _ABORT, failure
 
 
 def _apply_push(channel: SyncChannel, engines: Sequence, plan: SyncPlan, version: int, require_all: bool) -> str:
     """One push on an engine member: 'rejected', 'failed', 'aborted' or 'committed'."""
     sinks = [EngineSink(e, require_all) for e in engines]
+    mine = None
     try:
         begin_all(sinks, plan, version)
     except WeightValidationError as e:
-        _reply(channel, str(e))
+        mine = str(e)
+    if _exchange(channel, mine):
+        if mine is None:  # another engine process rejected: nothing was written here either
+            for s in sinks:
+                s.abort("another engine rejected the update")
         return "rejected"
-    _reply(channel, None)
-    failure = _receive_buckets(channel, sinks, plan)
-    if failure is not None and failure.startswith("actor aborted"):
+    aborted, failure = _receive_buckets(channel, sinks, plan)
+    if aborted:
         return "aborted"
     if failure is None:
         try:
@@ -160,7 +170,7 @@ def _apply_push(channel: SyncChannel, engines: Sequence, plan: SyncPlan, version
                 s.commit(version)
         except WeightSyncError as e:
             failure = str(e)
-    _reply(channel, failure)
+    _exchange(channel, failure)
     return "failed" if failure else "committed"
 
 

@@ -12,7 +12,7 @@ it before the first byte is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -157,10 +157,6 @@ def plan_buckets(streams: Sequence[Sequence[TensorSpec]], bucket_bytes: int, sou
             buckets.append(BucketPlan(len(buckets), tuple(cur), tuple(offsets), size, src_idx))
     return SyncPlan(tuple(buckets), bucket_bytes, tuple(sources) if sources is not None
                     else tuple(range(len(streams))))
-
-
-def specs_of(pairs: Iterable[tuple]) -> list:
-    return [TensorSpec.of(n, t) for n, t in pairs]
 
 
 def stage_specs(model, registry, tied: bool = False, dtype: Optional[torch.dtype] = None) -> list:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Iterator, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -261,7 +261,7 @@ def actor_plan(model_chunks: Sequence, registry, bucket_bytes: int, tied: bool =
 
     local = [stage_specs(c, registry, tied, dtype) for c in model_chunks]
     me = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-          ps.get_data_parallel_rank(), local)
+          ps.get_data_parallel_rank(with_context_parallel=True), local)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, me)
     leaders = sorted((e for e in everyone if e[1] == 0 and e[3] == 0), key=lambda e: e[2])
@@ -294,7 +294,7 @@ class _ActorPush:
 
         self.rank, self.plan, self.sink, self.delivery, self.tracker = dist.get_rank(), plan, sink, delivery, tracker
         self.pp = ps.get_pipeline_model_parallel_rank()
-        exporting = ps.get_data_parallel_rank() == 0
+        exporting = ps.get_data_parallel_rank(with_context_parallel=True) == 0  # one replica exports
         self.streams = {c: export_hf_weights(m, registry, tied, dtype) for c, m in enumerate(chunks)} \
             if exporting else {}
         needs_buffer = sink is not None or delivery == "broadcast" or any(
@@ -369,9 +369,11 @@ def push_actor_weights(model_chunks: Sequence, registry, version: int, bucket_by
             sink.begin(plan, version)
         except WeightValidationError as e:
             error = str(e)
-    error = _agree(error)
-    if error:
-        raise WeightValidationError(error)
+    agreed = _agree(error)
+    if agreed:
+        if sink is not None and error is None:
+            sink.abort("another rank's engine rejected the update")  # began here; nothing written yet
+        raise WeightValidationError(agreed)
     job = _ActorPush(model_chunks, registry, plan, sink, tied, dtype, delivery, tracker)
     for bp in plan.buckets:
         job.run_bucket(bp)

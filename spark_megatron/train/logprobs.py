@@ -64,14 +64,16 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_si
 
     logits [..., V/tp] (this TP rank's vocab slice, any float dtype), labels [...] int64 global ids (< vocab).
     Returns (logprobs [...] fp32, entropy [...] fp32 or None). `vocab_size` = true vocabulary (padded columns
-    are masked); None = no padding. May overwrite `logits` in place (megatron's cross entropy does): callers
-    must not reuse them.
+    are masked); None = no padding. May overwrite non-leaf fp32 `logits` in place (megatron's cross entropy
+    does, to save a logits-sized buffer): callers must not reuse them.
     """
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     x = logits.float()
     if temperature != 1.0:
         x = x / temperature
+    if x is logits and x.is_leaf and x.requires_grad:
+        x = x.clone()  # in-place writes below are not allowed on a leaf that requires grad
     mask_padded_vocab_(x, vocab_size)
     entropy = vocab_parallel_entropy(x) if with_entropy else None
     if entropy is not None and torch.is_grad_enabled() and x.requires_grad:

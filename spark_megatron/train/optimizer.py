@@ -151,7 +151,7 @@ def keep_adam_step_on_load(optimizer):
     With torch's Adam (no TE / apex fused Adam) every per-parameter state carries a `step` tensor, but the
     fully_reshardable checkpoint stores the step once in the param groups (restored by load_state_dict) and
     not per tensor, so megatron's state setter looks it up among the loaded tensors and fails (KeyError).
-    The step is carried over from the already restored state instead.
+    The step is carried over from the already restored state instead, and un-shared afterwards.
     """
     patched = []
     for opt in sub_optimizers(optimizer):
@@ -174,3 +174,10 @@ def keep_adam_step_on_load(optimizer):
     finally:
         for opt in patched:
             del opt._set_main_param_and_optimizer_states  # back to the class method
+    # megatron's load_state_dict gives every parameter the SAME step tensor and torch keeps it shared, so
+    # each Adam step would advance it once per parameter: give each parameter its own copy
+    for opt in sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for state in (getattr(inner, "state", {}) or {}).values():
+            if isinstance(state, dict) and isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()

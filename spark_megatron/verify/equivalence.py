@@ -3,7 +3,8 @@
 `check` is the single-item decision used both in-process and inside the verifier's worker processes.
 math-verify's own timeouts rely on SIGALRM, which only works in a process's main thread, and its timeout
 failures are indistinguishable from "not equal". We therefore switch them off and bound the work ourselves:
-in-process with our own interval timer (main thread only), and in the worker pool by killing the worker.
+in-process with our own CPU-time interval timer (main thread only), and in the worker pool by killing the
+worker.
 """
 from __future__ import annotations
 
@@ -115,10 +116,11 @@ def math_equivalent(prediction: str, ground_truth: str) -> bool:
 
 @contextmanager
 def time_limit(seconds: Optional[float]):
-    """Raise `_Deadline` in the main thread after `seconds`; a no-op elsewhere (signals need the main thread).
+    """Raise `_Deadline` in the main thread once this process has used `seconds` more CPU time; a no-op in
+    other threads (signals need the main thread).
 
-    An interval timer already armed by someone else (pytest-timeout, a watchdog) is re-armed afterwards with
-    its remaining time.
+    CPU time (ITIMER_PROF), like the worker pool, so a machine crowded with other processes does not turn
+    ordinary answers into timeouts. A profiling timer already armed by someone else is re-armed afterwards.
     """
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
@@ -127,17 +129,17 @@ def time_limit(seconds: Optional[float]):
     def _fire(signum, frame):
         raise _Deadline()
 
-    old_handler = signal.signal(signal.SIGALRM, _fire)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    t0 = time.monotonic()
+    old_handler = signal.signal(signal.SIGPROF, _fire)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_PROF, seconds)
+    t0 = time.process_time()
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old_handler)
         if old_delay > 0:
-            remaining = max(old_delay - (time.monotonic() - t0), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
+            remaining = max(old_delay - (time.process_time() - t0), 1e-3)
+            signal.setitimer(signal.ITIMER_PROF, remaining, old_interval)
 
 
 _warned_threads = False

@@ -42,7 +42,7 @@ def _judgment_check(extracted: str, label: str) -> CheckResult:
 class Verifier:
     """Checks responses against ground truths; math equivalence runs in a pool with a hard per-item timeout.
 
-    num_workers=0 checks in-process (bounded by a wall-clock SIGALRM timer in the main thread only; C-level work
+    num_workers=0 checks in-process (bounded by a CPU-time signal timer in the main thread only; C-level work
     such as a huge integer power cannot be interrupted that way). num_workers>=1 uses worker processes that are
     killed when an answer has used `timeout_s` of CPU time (or `wall_factor * timeout_s` of wall time), so one
     pathological answer costs about `timeout_s` and is counted wrong (timed_out) while the batch completes.

@@ -21,7 +21,8 @@ def make_seqs(vocab: int, n: int = 5, seed: int = 0) -> list:
     for i in range(n):
         length = int(torch.randint(8, 31, (1,), generator=g))
         prompt = int(torch.randint(2, 8, (1,), generator=g))
-        tokens = torch.randint(0, vocab, (length,), generator=g).tolist()
+        # no id 0: it is the tiny model's pad_token_id, whose HF embedding row (padding_idx) never gets a gradient
+        tokens = torch.randint(1, vocab, (length,), generator=g).tolist()
         adv = torch.randn(length - prompt, generator=g).tolist()
         out.append(SequenceSample(tokens=tokens, prompt_len=prompt, advantages=adv,
                                   kind="policy" if i % 2 == 0 else "pointwise"))

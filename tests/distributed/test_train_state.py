@@ -38,8 +38,9 @@ def _save_worker(rank, world, hf_dir, run_dir):
     actor = Actor(*oracle.configs(2, 1, mbs=2), hf_dir, total_steps=10)
     actor.optimizer_step(oracle.make_seqs(400, n=6, seed=1), oracle.token_mean_loss)
     random.seed(100 + rank)
+    saved_lp = actor.compute_logprobs(oracle.make_seqs(400, n=4, seed=9))
     save_train_state(actor, step_dir(run_dir, 1), EXTRA, keep_last=2)
-    return oracle.portable(_continue(actor))
+    return oracle.portable({**_continue(actor), "saved_lp": saved_lp})
 
 
 def _load_worker(rank, world, hf_dir, ckpt):
@@ -54,6 +55,9 @@ def _load_worker(rank, world, hf_dir, ckpt):
         actor = Actor(*oracle.configs(tp, 1, mbs=2), hf_dir, total_steps=10)
         out[f"extra{tp}"] = load_train_state(actor, ckpt)
         out[f"tp{tp}"] = _continue(actor)
+    model_cfg, par, optim = oracle.configs(1, 1, mbs=2)
+    model_cfg.megatron_path = ckpt  # model weights straight from the trainer checkpoint, no HF directory
+    out["from_megatron_lp"] = Actor(model_cfg, par, optim, None).compute_logprobs(oracle.make_seqs(400, n=4, seed=9))
     return oracle.portable(out)
 
 
@@ -89,8 +93,50 @@ def test_resume_is_exact(tiny, tmp_path):
         assert a["lr"] == b["lr"]
         for k, v in a["params"].items():
             assert torch.equal(v, b["params"][k]), k
+    for a, b in zip(saved[0]["saved_lp"], loaded[0]["from_megatron_lp"]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
     resharded = loaded[0]["tp1"]  # TP2 x DP1 checkpoint -> TP1 x DP2
     for x, y in zip(saved[0]["losses"], resharded["losses"]):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (x, y)
     worst = max(float((v - resharded["params"][k]).abs().max()) for k, v in saved[0]["params"].items())
     assert worst < 5e-5, worst
+
+    # the conversion tool exports the trainer checkpoint to a plain HF model with the saved weights
+    from spark_megatron.checkpoint.hf_export import export_megatron_to_hf
+
+    export_megatron_to_hf(str(ckpt), str(tmp_path / "hf"), tp=1, pp=1, progress=False, timeout_s=300)
+    with torch.no_grad():
+        hf_lp, _ = oracle.hf_logprobs_entropy(oracle.hf_model(tmp_path / "hf"), oracle.make_seqs(400, n=4, seed=9))
+    for a, b in zip(saved[0]["saved_lp"], hf_lp):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.unit
+def test_discovery_and_pruning(tmp_path):
+    """Only complete checkpoints count (by step, not by name or `latest`); pruning keeps the newest."""
+    from spark_megatron.checkpoint.megatron_format import CheckpointMeta
+    from spark_megatron.checkpoint.train_state import (complete_checkpoints, find_latest_complete, prune,
+                                                       step_dir, write_latest)
+
+    def fake(step, complete=True, name=None):
+        d = tmp_path / name if name else step_dir(tmp_path, step)
+        d.mkdir()
+        (d / "spark_meta.json").write_text(CheckpointMeta(family="qwen2", hf_config={}, padded_vocab_size=512,
+                                                          dtype="float32", step=step).to_json())
+        if complete:
+            (d / "complete").write_text(json.dumps({"step": step}))
+        return d
+
+    assert find_latest_complete(tmp_path) is None and find_latest_complete(tmp_path / "missing") is None
+    fake(2), fake(10), fake(30, name="renamed_by_hand")
+    fake(40, complete=False)                        # crashed before the marker
+    fake(50, name="step_00000050.tmp-4242")         # temp dir of an unfinished save
+    fake(60, name="step_00000060.old-4242")         # old copy being replaced
+    write_latest(tmp_path, "step_00000002")         # a stale pointer does not hide newer checkpoints
+    assert find_latest_complete(tmp_path).name == "renamed_by_hand"
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000010",
+                                                                "renamed_by_hand"]
+    removed = prune(tmp_path, keep_last=2)
+    assert [p.name for p in removed] == ["step_00000002"] and not step_dir(tmp_path, 2).exists()
+    assert step_dir(tmp_path, 40).exists()          # incomplete dirs are not the pruner's business
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"

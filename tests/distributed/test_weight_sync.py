@@ -184,3 +184,85 @@ def _check_layout(name, base, probe, ranks, version):
         assert info["capacity"] <= BUCKET_BYTES
         assert info["peak"] <= info["capacity"] + info["transient"], f"{name} rank {rank}: {info}"
         assert info["peak"] < info["bytes"] / 4, f"{name} rank {rank}: push held {info['peak']} bytes"
+
+
+def _colocated_job(rank, world, hf_dir):
+    """PP2 actor with one HF reference engine per rank (the colocated layout): every bucket is broadcast from its
+    stage leader and loaded on every rank; then a bf16 push is rejected on every rank before anything is written."""
+    from spark_megatron.config import RolloutConfig
+    from spark_megatron.models.qwen2 import TextModelShape, build_stage
+    from spark_megatron.models.qwen2_mapping import qwen2_mappings
+    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from spark_megatron.parallel.groups import init_distributed
+    from spark_megatron.rollout.hf_engine import HFEngine
+    from spark_megatron.sync import EngineSink, WeightValidationError, push_actor_weights
+    from spark_megatron.sync.push import actor_plan
+
+    init_distributed(1, 2)
+    shape = TextModelShape.from_hf_dir(hf_dir)
+    registry = qwen2_mappings(shape)
+    model = build_stage(shape)
+    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    _perturb(model, seed=33)
+    seqs = _sequences(shape.vocab_size)
+    engine = HFEngine(hf_dir, RolloutConfig(engine="hf"))
+    stages = {p.pp_rank for p in actor_plan([model], registry, BUCKET_BYTES, dtype=torch.float32).sources}
+    push_actor_weights([model], registry, 5, BUCKET_BYTES, sink=EngineSink(engine), dtype=torch.float32,
+                       delivery="broadcast")
+    after_push = torch.stack(engine.score(seqs.tolist()))
+    try:
+        push_actor_weights([model], registry, 6, BUCKET_BYTES, sink=EngineSink(engine), dtype=torch.bfloat16,
+                           delivery="broadcast")
+        rejected = None
+    except WeightValidationError as e:
+        rejected = str(e)
+    unchanged = torch.equal(after_push, torch.stack(engine.score(seqs.tolist())))
+    return dict(actor=_megatron_logprobs(model, seqs, shape.vocab_size), engine=after_push, stages=stages,
+                version=engine.policy_version, rejected=rejected, unchanged=unchanged)
+
+
+def test_colocated_broadcast_delivery_loads_every_ranks_engine(tmp_path):
+    from spark_megatron.models.tiny_checkpoint import write_tiny_qwen2
+
+    hf_dir = write_tiny_qwen2(tmp_path / "tiny")
+    ranks = run_on_ranks(_colocated_job, 2, str(hf_dir), timeout_s=300)
+    actor = ranks[1]["actor"]  # last pipeline stage
+    for rank, r in enumerate(ranks):
+        assert r["stages"] == {0, 1}
+        diff = (r["engine"] - actor).abs().max().item()
+        assert diff <= TOL, f"rank {rank}: engine vs Megatron logprobs differ by {diff:.2e}"
+        assert r["version"] == 5 and r["unchanged"] and "bfloat16" in r["rejected"]
+
+
+def _inprocess_job(rank, world, hf_dir):
+    """World of one (the CPU quickstart layout): Megatron TP1 actor and vLLM in the same process, direct sink."""
+    from spark_megatron.config import RolloutConfig
+    from spark_megatron.models.qwen2 import TextModelShape, build_stage
+    from spark_megatron.models.qwen2_mapping import qwen2_mappings
+    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from spark_megatron.parallel.groups import init_distributed
+    from spark_megatron.rollout.vllm_engine import VLLMEngine
+    from spark_megatron.sync import EngineSink, push_actor_weights
+
+    init_distributed(1, 1)
+    shape = TextModelShape.from_hf_dir(hf_dir)
+    registry = qwen2_mappings(shape)
+    model = build_stage(shape)
+    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    engine = VLLMEngine(hf_dir, RolloutConfig(max_prompt_tokens=64, max_response_tokens=16), dtype="float32")
+    seqs = _sequences(shape.vocab_size)
+    before = torch.stack(engine.score(seqs.tolist()))
+    _perturb(model, seed=44)
+    push_actor_weights([model], registry, 1, BUCKET_BYTES, sink=EngineSink(engine), dtype=torch.float32)
+    after = torch.stack(engine.score(seqs.tolist()))
+    actor = _megatron_logprobs(model, seqs, shape.vocab_size)
+    engine.shutdown()
+    return dict(diff=(after - actor).abs().max().item(), moved=(after - before).abs().max().item())
+
+
+def test_single_process_actor_pushes_into_inprocess_vllm(tmp_path):
+    from spark_megatron.models.tiny_checkpoint import write_tiny_qwen2
+
+    hf_dir = write_tiny_qwen2(tmp_path / "tiny")
+    r = run_on_ranks(_inprocess_job, 1, str(hf_dir), timeout_s=300)[0]
+    assert r["diff"] <= TOL and r["moved"] > 1e-2, r

@@ -104,7 +104,7 @@ def test_pool_cuts_off_pathological_input_and_finishes_the_rest():
         elapsed = time.monotonic() - t0
         assert [o.correct for o in out] == [True] * 3 + [False] + [True] * 4
         assert [o.timed_out for o in out] == [False] * 3 + [True] + [False] * 4
-        assert elapsed < 20 and v.pool_restarts == 1
+        assert elapsed < 60 and v.pool_restarts == 1  # uncut, it ran > 120 s
         again = v.verify_batch(good)  # the pool keeps working after a kill
         assert all(o.correct for o in again)
 

@@ -160,4 +160,4 @@ def test_in_process_timeout_cuts_off_a_pathological_answer():
 
     t0 = time.monotonic()
     assert not is_correct(r"9^{9^{9^{9^{9}}}}", "1", timeout_s=0.5)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # 0.5 CPU s; generous for a crowded machine

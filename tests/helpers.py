@@ -1,0 +1,92 @@
+"""Shared test fixtures: tiny HF checkpoints built once per test session, and small checks others can reuse.
+
+Checkpoints are memoised per process (pytest runs every test module in one process), so each tiny model is
+written once however many modules ask for it. Importable from spawned ranks (no pytest needed at import).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_SPECS = {
+    "untied": dict(tie_word_embeddings=False, seed=0),
+    "tied": dict(tie_word_embeddings=True, seed=1),
+    "untied_other_seed": dict(tie_word_embeddings=False, seed=7),
+}
+"""Named TinyQwen2Spec overrides: 4 layers, 4 heads, 2 KV groups (GQA), head_dim 32, vocab 441 (padded 512)."""
+
+_ROOT = None
+_CACHE: dict = {}
+
+
+def session_dir() -> Path:
+    """A per-process scratch root removed at exit."""
+    global _ROOT
+    if _ROOT is None:
+        _ROOT = Path(tempfile.mkdtemp(prefix="spark_test_"))
+        atexit.register(shutil.rmtree, _ROOT, True)
+    return _ROOT
+
+
+def tiny_hf_checkpoint(kind: str = "untied") -> Path:
+    """Path of a tiny random Qwen2 HF checkpoint (written on first use; treat as read-only)."""
+    from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
+
+    if kind not in _CACHE:
+        _CACHE[kind] = write_tiny_qwen2(session_dir() / f"hf_{kind}", TinyQwen2Spec(**TINY_SPECS[kind]))
+    return _CACHE[kind]
+
+
+def copy_checkpoint(src, dst) -> Path:
+    """A writable copy of a checkpoint dir (for tests that damage it)."""
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def edit_config(hf_dir, **changes) -> None:
+    path = Path(hf_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def leftovers(out) -> list:
+    """The output dir and any temp/backup siblings of it that exist (a failed write must leave none)."""
+    out = Path(out).absolute()
+    found = [out] if out.exists() else []
+    return found + sorted(out.parent.glob(f"{out.name}.tmp-*")) + sorted(out.parent.glob(f"{out.name}.old-*"))
+
+
+def random_tokens(vocab_size: int, batch: int = 2, seq_len: int = 24, seed: int = 0):
+    import torch
+
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_model(hf_dir, dtype: str = "float32"):
+    """The transformers oracle model of a checkpoint dir, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype)).eval()
+
+
+def megatron_logits_at(ckpt_dir, tp: int, pp: int, tokens):
+    """Inside a spawned rank: load a Megatron checkpoint at TP x PP and return full-vocab logits
+    (on the last pipeline stage's ranks; None elsewhere)."""
+    from spark_megatron.checkpoint.megatron_format import load_megatron_checkpoint, read_meta
+    from spark_megatron.models.families import family_for_config
+    from spark_megatron.models.parity import megatron_forward
+    from spark_megatron.parallel.groups import init_distributed
+
+    init_distributed(tp, pp)
+    meta = read_meta(ckpt_dir)
+    family = family_for_config(meta.hf_config)
+    shape = family.shape_from_hf_dict(meta.hf_config)
+    stage = family.build_stage(shape, meta.dtype)
+    load_megatron_checkpoint(stage, ckpt_dir)
+    logits, _ = megatron_forward(stage, tokens, shape.vocab_size)
+    return logits
