@@ -137,7 +137,11 @@ def _convert(rest: list) -> int:
     spec = importlib.util.spec_from_file_location(f"conversion_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return int(module.main(rest[1:]) or 0)
+    saved, sys.argv = sys.argv, [f"spark-megatron convert {rest[0]}", *rest[1:]]  # argparse's prog name
+    try:
+        return int(module.main(rest[1:]) or 0)
+    finally:
+        sys.argv = saved
 
 
 def main(argv: Optional[list] = None) -> int:

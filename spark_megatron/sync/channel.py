@@ -49,6 +49,10 @@ class SyncChannel:
             raise ValueError(f"channel backend must be gloo or nccl, got '{backend}'")
         return cls(pg, rank, size, device)
 
+    def close(self) -> None:
+        """Drop the side group (its sockets close once no member uses them)."""
+        self.pg = None
+
     def broadcast(self, t: torch.Tensor, src: int) -> None:
         import torch.distributed as dist
 

@@ -137,18 +137,28 @@ class _LogprobRunner:
         distribution at each response position), on every rank."""
         return self._score(seqs, with_entropy=True)
 
-    def _forward_buckets(self, seqs, mine) -> list:
-        """Lists of micro-batches, one schedule call each. PP: buckets of 4 x PP length-sorted micro-batches
-        share a padded shape (short sequences do not pay for the longest); no PP: one call, own shapes."""
+    def _plan_buckets(self, seqs, mine, micro_batch_size: int, fields=(), single_call: bool = False,
+                      min_microbatches: int = 0) -> list:
+        """This rank's sequences as lists of micro-batches, one schedule call each, longest first.
+
+        No PP: one call, every micro-batch padded to its own longest row. PP: p2p needs one [b, s] per call, so
+        the length-sorted micro-batches go in calls of 4 x PP micro-batches (enough to keep the pipeline
+        filled), each padded to its own longest row; `single_call` puts everything in one call instead.
+        """
         pp = _ps().get_pipeline_model_parallel_world_size()
         ordered = batching.length_sorted(mine, seqs)
-        if pp == 1:
-            return [batching.plan_microbatches(seqs, ordered, self.micro_batch_size, uniform_shape=False,
-                                               max_len=self.max_len, device=_device())] if ordered else []
-        per_bucket = 4 * pp * self.micro_batch_size
-        return [batching.plan_microbatches(seqs, ordered[i:i + per_bucket], self.micro_batch_size,
-                                           uniform_shape=True, max_len=self.max_len, device=_device())
-                for i in range(0, len(ordered), per_bucket)]
+
+        def plan(rows, uniform):
+            return batching.plan_microbatches(seqs, rows, micro_batch_size, uniform_shape=uniform, fields=fields,
+                                              max_len=self.max_len, device=_device(),
+                                              min_microbatches=min_microbatches)
+
+        if pp == 1 or single_call:
+            mbs = plan(ordered, uniform=pp > 1)
+            return [mbs] if mbs else []
+        per_call = 4 * pp * micro_batch_size
+        buckets = [plan(ordered[i:i + per_call], uniform=True) for i in range(0, len(ordered), per_call)]
+        return buckets or ([plan([], uniform=True)] if min_microbatches else [])
 
     @torch.no_grad()
     def _score(self, seqs: Sequence[SequenceSample], with_entropy: bool) -> tuple:
@@ -166,7 +176,7 @@ class _LogprobRunner:
         for c in chunks:
             c.eval()
         results = []
-        for bucket in self._forward_buckets(seqs, mine):
+        for bucket in self._plan_buckets(seqs, mine, self.micro_batch_size):
             outs = run_schedule(chunks, bucket, collect, forward_only=True, collect=True)
             results.extend(zip(bucket, outs))
         return share_per_token(seqs, results, with_entropy)
@@ -219,6 +229,8 @@ class Actor(_LogprobRunner):
 
         self.optim_cfg = optim_cfg
         self.total_steps = int(total_steps)
+        self._overlap = bool(overlap_grad_reduce)
+        self._defer_finalize = False
         self.schedule = lr_schedule(optim_cfg, self.total_steps)
         self._ddp = [self._wrap_ddp(self._stage, parallel_cfg.use_distributed_optimizer, overlap_grad_reduce)]
         self.optimizer = build_optimizer(self._ddp, optim_cfg, model_cfg.params_dtype,
@@ -245,6 +257,8 @@ class Actor(_LogprobRunner):
         config = self._stage.config
 
         def finalize(model, num_tokens=None, **kw):
+            if self._defer_finalize:  # not the last schedule call of this optimizer step
+                return None
             # the loss is already normalised by the global token count: no extra division
             return finalize_model_grads(model, None, **kw)
 
@@ -294,24 +308,28 @@ class Actor(_LogprobRunner):
         fields = batching.present_fields(seqs)
         mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size())
-        mbs = batching.plan_microbatches(seqs, mine, self.optim_cfg.micro_batch_size,
-                                         uniform_shape=ps.get_pipeline_model_parallel_world_size() > 1,
-                                         fields=fields, max_len=self.max_len, device=_device(), min_microbatches=1)
+        buckets = self._plan_buckets(seqs, mine, self.optim_cfg.micro_batch_size, fields,
+                                     single_call=self._overlap, min_microbatches=1)
         tokens = batching.response_token_count(seqs, range(len(seqs)))
-        for mb in mbs:
+        for mb in (mb for bucket in buckets for mb in bucket):
             mb.extras["global_token_count"] = torch.tensor(float(tokens), device=_device())
             mb.extras["global_seq_count"] = torch.tensor(float(len(seqs)), device=_device())
         for c in self._ddp:
             c.zero_grad_buffer()
             c.train()
         self.optimizer.zero_grad()
-        outs = run_schedule(self._ddp, mbs, self._train_loss(loss_fn, with_entropy), forward_only=False)
+        outs = []
+        for i, bucket in enumerate(buckets):
+            # gradients accumulate in the DDP buffers across calls; reduce them once, after the last call
+            self._defer_finalize = i < len(buckets) - 1
+            outs += run_schedule(self._ddp, bucket, self._train_loss(loss_fn, with_entropy), forward_only=False)
+        self._defer_finalize = False
         lr = current_lr(self.optimizer)
         result = step_optimizer(self.optimizer, self.optim_cfg.clip_grad)
         if result.updated:
             self.scheduler.step(1)
         self.steps_done += 1
-        metrics = reduce_loss_metrics(outs, mbs)
+        metrics = reduce_loss_metrics(outs)
         metrics.update(grad_norm=result.grad_norm, lr=lr, skipped=0.0 if result.updated else 1.0,
                        global_tokens=float(tokens), sequences=float(len(seqs)))
         for kind, (n, t) in batching.kind_counts(seqs, range(len(seqs))).items():
@@ -345,7 +363,7 @@ class Actor(_LogprobRunner):
                                  tied=self.shape.tie_word_embeddings, dtype=dtype)
 
 
-def reduce_loss_metrics(outs: list, mbs: list) -> dict:
+def reduce_loss_metrics(outs: list) -> dict:
     """Sum the micro-batch losses (= the mini-batch objective) and average loss_fn metrics over real
     micro-batches, over DP; the last PP stage's result is then sent to every stage."""
     ps = _ps()

@@ -140,3 +140,15 @@ def test_discovery_and_pruning(tmp_path):
     assert [p.name for p in removed] == ["step_00000002"] and not step_dir(tmp_path, 2).exists()
     assert step_dir(tmp_path, 40).exists()          # incomplete dirs are not the pruner's business
     assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.unit
+def test_bad_inputs_fail_with_one_line(tmp_path):
+    from spark_megatron.checkpoint.train_state import load_train_state, save_train_state
+    from spark_megatron.models.weights import CheckpointError
+
+    with pytest.raises(ValueError, match=r"extra_state\['queue'\] is not JSON-serialisable"):
+        save_train_state(None, tmp_path / "x", {"step": 1, "queue": {1, 2}})
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete train-state checkpoint"):
+        load_train_state(None, tmp_path / "half")

@@ -61,6 +61,7 @@ def _engine_member(rank, world, port):
     engine = _TableEngine(pairs)
     channel = SyncChannel.connect("127.0.0.1", port, rank + 1, world + 1, is_master=False, timeout_s=120)
     outcomes = serve_weight_updates(channel, [engine], require_all=False)
+    channel.close()
     return dict(outcomes=outcomes, version=engine.policy_version, dest=engine.dest, loaded=engine.loaded,
                 stale=engine.stale)
 
@@ -86,7 +87,9 @@ def test_channel_pushes_to_two_engine_processes_and_rejects_for_all():
     final = _base_pairs(3.0)
     push_source([sink], final, version=3, bucket_bytes=200)
     sink.close()
+    import time; t0 = time.time()
     t.join(timeout=180)
+    print("join", time.time() - t0)
     if "error" in result:
         raise result["error"]
     for r in result["ranks"]:
