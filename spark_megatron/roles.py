@@ -20,7 +20,7 @@ def grpo_loss_fn(algo_cfg, logprobs, entropy, extras):
     loss, metrics = spark_grpo_loss(
         logprobs, extras.get("old_logprobs"), extras.get("ref_logprobs"), extras["advantages"],
         extras["response_mask"], extras["global_token_count"], algo_cfg,
-        rollout_logprobs=extras.get("rollout_logprobs"))
+        rollout_logprobs=extras.get("rollout_logprobs"), global_seq_count=extras.get("global_seq_count"))
     if entropy is not None:
         mask = extras["response_mask"]
         metrics["entropy"] = ((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
@@ -56,13 +56,13 @@ class Roles:
 
     def push_weights(self) -> None:
         """Stream every rank's shards, bucketed, into the engine on the driver; bump the policy version."""
-        from spark_megatron.sync import EngineSink, push_actor_weights
+        from spark_megatron.sync import push_actor_weights
 
         self.policy_version += 1
         actor = self.actor
         push_actor_weights(actor.model_chunks, actor.family.mappings(actor.shape), self.policy_version,
                            self.cfg.rollout.sync_bucket_mb << 20,
-                           sink=EngineSink(self.engine) if self.engine is not None else None,
+                           sink=self.engine.weight_sink() if self.engine is not None else None,
                            tied=actor.shape.tie_word_embeddings)
 
     def close(self) -> None:

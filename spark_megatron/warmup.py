@@ -5,6 +5,7 @@ groups (the true answer and perturbed wrong ones), so the warm-up teaches the fo
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -43,10 +44,11 @@ def warmup_examples(prompts: list, cfg, step: int, count: int, rng: random.Rando
     """(Prompt, target text) pairs: policy answers plus judge/reflection tasks with their labels."""
     picked = rng.sample(prompts, min(count, len(prompts)))
     out = [(p, f"\\boxed{{{p.ground_truth}}}") for p in picked]
-    if cfg.algorithm.recycle.enabled:
-        builder = RecycleBuilder(cfg.algorithm.recycle, seed=cfg.seed + 7919 * step)
-        result = builder.build([_synthetic_group(p, rng) for p in picked], step)
-        out += [(s, f"\\boxed{{{s.ground_truth}}}") for s in result.samples]
+    # reward-task examples even when recycling is off: a GRPO baseline then starts from the same weights as the
+    # SPARK run it is compared with
+    builder = RecycleBuilder(dataclasses.replace(cfg.algorithm.recycle, enabled=True), seed=cfg.seed + 7919 * step)
+    result = builder.build([_synthetic_group(p, rng) for p in picked], step)
+    out += [(s, f"\\boxed{{{s.ground_truth}}}") for s in result.samples]
     rng.shuffle(out)
     return out
 

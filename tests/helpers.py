@@ -32,12 +32,32 @@ def session_dir() -> Path:
 
 
 def tiny_hf_checkpoint(kind: str = "untied") -> Path:
-    """Path of a tiny random Qwen2 HF checkpoint (written on first use; treat as read-only)."""
+    """Path of a tiny random HF checkpoint (written on first use; treat as read-only): a TINY_SPECS Qwen2, or
+    kind='vl' for the default tiny Qwen2.5-VL."""
     from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
 
     if kind not in _CACHE:
-        _CACHE[kind] = write_tiny_qwen2(session_dir() / f"hf_{kind}", TinyQwen2Spec(**TINY_SPECS[kind]))
+        if kind == "vl":
+            from spark_megatron.models.tiny_vl_checkpoint import write_tiny_qwen2_5_vl
+
+            _CACHE[kind] = write_tiny_qwen2_5_vl(session_dir() / "hf_vl")
+        else:
+            _CACHE[kind] = write_tiny_qwen2(session_dir() / f"hf_{kind}", TinyQwen2Spec(**TINY_SPECS[kind]))
     return _CACHE[kind]
+
+
+try:  # fixtures for test modules: `from tests.helpers import tiny_untied_hf` makes them available there
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def tiny_untied_hf() -> Path:
+        return tiny_hf_checkpoint("untied")
+
+    @pytest.fixture(scope="session")
+    def tiny_tied_hf() -> Path:
+        return tiny_hf_checkpoint("tied")
+except ImportError:  # spawned ranks never need the fixtures
+    pass
 
 
 def copy_checkpoint(src, dst) -> Path:

@@ -40,6 +40,9 @@ def plan_compare(hf_dir, ckpt_dir, tp: int = 1, pp: int = 1, seq_len: int = 32, 
     if family.name != hf_family.name or shape != hf_shape:
         raise ModelSpecError(f"{hf_dir} and {ckpt_dir} describe different models ({hf_family.name} {hf_shape} vs "
                              f"{family.name} {shape})")
+    if not family.hf_model_class.endswith("ForCausalLM"):  # parity.compare_stage feeds text tokens only
+        raise ModelSpecError(f"compare supports text models (*ForCausalLM); '{family.name}' "
+                             f"({family.hf_model_class}) needs its own parity check")
     family.check_layout(shape, tp, pp)
     return ComparePlan(str(Path(hf_dir).absolute()), str(Path(ckpt_dir).absolute()), tp, pp, seq_len, batch, seed)
 
@@ -58,18 +61,14 @@ def _compare_rank(rank: int, world: int, plan: ComparePlan):
     from spark_megatron.models.parity import compare_stage
     from spark_megatron.parallel.groups import init_distributed
 
+    launcher.quiet_known_warnings()
     init_distributed(plan.tp, plan.pp)
     try:
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
         stage = build_stage_for_loading(family, shape, meta.dtype)
-        status = None
-        try:
-            load_megatron_checkpoint(stage, plan.ckpt_dir)
-        except launcher.USER_ERRORS as e:
-            status = launcher.error_value(e)
-        launcher.agree(status)
+        load_megatron_checkpoint(stage, plan.ckpt_dir)  # raises on every rank alike
     except launcher.USER_ERRORS as e:
         return launcher.error_value(e)
     hf_cls = getattr(transformers, family.hf_model_class)

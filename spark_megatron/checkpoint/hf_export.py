@@ -116,7 +116,8 @@ def finalize_hf_dir(tmp: Path, records: list, hf_config: dict, dtype: str, aux_f
         final.append(new)
         weight_map.update({n: new for n in tensor_names})
     if len(files) > 1:
-        index = {"metadata": {"total_size": sum(b for _, _, b in files)}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": sum(b for _, _, b in files)},
+                 "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
     cfg = dict(hf_config)
     cfg["dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"] = dtype
@@ -150,20 +151,16 @@ def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
     from spark_megatron.parallel.groups import init_distributed
 
     t0 = time.perf_counter()
+    launcher.quiet_known_warnings()
     init_distributed(plan.tp, plan.pp)
     rss_after_init = launcher.memory_stats()["rss_bytes"]
     t_init = time.perf_counter()
-    try:
+    try:  # every step here fails on all ranks alike (collective checks), so returning an error is safe
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
         stage = build_stage_for_loading(family, shape, meta.dtype)
-        status = None
-        try:
-            load_megatron_checkpoint(stage, plan.ckpt_dir)
-        except launcher.USER_ERRORS as e:
-            status = launcher.error_value(e)
-        launcher.agree(status)
+        load_megatron_checkpoint(stage, plan.ckpt_dir)
         t_load = time.perf_counter()
         tmp = prepare_temp_dir(plan.out, plan.force)
     except launcher.USER_ERRORS as e:
@@ -172,8 +169,8 @@ def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
     stage_idx = ps.get_pipeline_model_parallel_rank()
     writer = ShardWriter(tmp, f"stage{stage_idx:03d}", plan.max_shard_bytes) if writes else None
     registry = family.mappings(shape)
-    bar = tqdm(total=stage_hf_tensor_count(stage, registry, shape.tie_word_embeddings, exporting=True), unit="tensor", desc="megatron->hf: write",
-               disable=not (plan.progress and rank == 0))
+    bar = tqdm(total=stage_hf_tensor_count(stage, registry, shape.tie_word_embeddings, exporting=True),
+               unit="tensor", desc="megatron->hf: write", disable=not (plan.progress and rank == 0))
     try:
         nbytes = _export_stage(stage, registry, shape.tie_word_embeddings, writer, plan.dtype, bar)
         bar.close()

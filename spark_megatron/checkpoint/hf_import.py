@@ -79,13 +79,15 @@ def plan_hf_to_megatron(hf_dir, out, tp: int = 1, pp: int = 1, dtype: Optional[s
 def build_stage_for_loading(family, shape, dtype: str):
     """This rank's stage without random initialisation (every parameter is loaded right after).
 
-    Families whose build_stage does not take `init_weights` are built the ordinary way.
+    Families whose build_stage does not take `init_weights` (anywhere down its provider) are built the
+    ordinary way, with their random init.
     """
-    import inspect
-
-    params = inspect.signature(family.build_stage).parameters
-    takes_kw = "init_weights" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return family.build_stage(shape, dtype, init_weights=False) if takes_kw else family.build_stage(shape, dtype)
+    try:
+        return family.build_stage(shape, dtype, init_weights=False)
+    except TypeError as e:
+        if "init_weights" not in str(e):
+            raise
+        return family.build_stage(shape, dtype)
 
 
 class _CountingReader:
@@ -127,6 +129,7 @@ def _import_rank(rank: int, world: int, plan: ImportPlan) -> dict:
     from spark_megatron.parallel.groups import init_distributed
 
     t0 = time.perf_counter()
+    launcher.quiet_known_warnings()
     init_distributed(plan.tp, plan.pp)
     use_in_process_write_queue()
     rss_after_init = launcher.memory_stats()["rss_bytes"]

@@ -21,6 +21,16 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def quiet_known_warnings() -> None:
+    """Silence megatron's import-time notices (no Apex / TE on CPU) and torch's DCP deprecation notices, which
+    would otherwise repeat once per rank around the progress bar. Call at the start of a rank function."""
+    import warnings
+
+    for category in (UserWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*DTensor.*")
+
+
 def memory_stats() -> dict:
     """This process's current and peak resident memory in bytes (Linux ru_maxrss is in KiB)."""
     import resource
@@ -81,6 +91,7 @@ def run_cli(fn: Callable, *args, **kwargs) -> int:
 
     from spark_megatron.parallel.spawn import RankFailure
 
+    quiet_known_warnings()
     try:
         fn(*args, **kwargs)
     except USER_ERRORS as e:

@@ -167,8 +167,9 @@ def save_train_state(actor, ckpt_dir, extra_state: dict, rng: bool = True,
         if _rank() == 0:
             try:
                 (tmp / META_FILE).write_text(meta.to_json())
-                if actor.hf_dir:
-                    copy_aux_files(actor.hf_dir, tmp)
+                aux_from = actor.hf_dir or getattr(actor.model_cfg, "megatron_path", None)
+                if aux_from:  # tokenizer etc., so the checkpoint exports to a complete HF directory
+                    copy_aux_files(aux_from, tmp)
                 (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": meta.step}) + "\n")
                 atomic.commit(tmp, out, force=True)
                 write_latest(out.parent, out.name)

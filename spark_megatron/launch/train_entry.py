@@ -45,12 +45,23 @@ def prepare_model_dir(cfg: RunConfig) -> str:
         return path
     from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
 
+    from spark_megatron.checkpoint.atomic import OutputExistsError, atomic_output_dir
+
     out = Path(cfg.output_dir) / "tiny_model"
-    if not (out / "config.json").is_file():
-        kind = path.split(":", 1)[1]
-        if kind not in ("qwen2", "qwen2-tied"):
-            raise ConfigError(f"model.hf_path '{path}': tiny models are tiny:qwen2 or tiny:qwen2-tied")
-        write_tiny_qwen2(out, TinyQwen2Spec(tie_word_embeddings=kind.endswith("tied"), seed=cfg.seed))
+    kind = path.split(":", 1)[1]
+    if kind not in ("qwen2", "qwen2-tied"):
+        raise ConfigError(f"model.hf_path '{path}': tiny models are tiny:qwen2 or tiny:qwen2-tied")
+    if (out / "config.json").is_file():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # under torchrun every rank gets here at once: each writes the same (seeded) model into its own temp dir,
+    # the first rename publishes it and the others find it in place
+    try:
+        with atomic_output_dir(out) as tmp:
+            write_tiny_qwen2(tmp, TinyQwen2Spec(tie_word_embeddings=kind.endswith("tied"), seed=cfg.seed))
+    except OutputExistsError:
+        if not (out / "config.json").is_file():
+            raise
     return str(out)
 
 
@@ -83,7 +94,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     cfg_dict = dataclasses.asdict(cfg)
     if "WORLD_SIZE" in os.environ:  # torchrun / srun: this process is one rank

@@ -108,24 +108,19 @@ class RolloutEngine(Protocol):
     def update_weights(self, weights, version: int) -> None:
         """Load a full set of HF-named tensors (validated as a whole first); records `version`."""
 
+    def weight_sink(self):
+        """The spark_megatron.sync WeightSink that loads a push into this engine (pass it to
+        `push_actor_weights(..., sink=engine.weight_sink())` on the rank that holds the engine)."""
+
     def sleep(self, level: int = 1) -> None: ...
 
     def wake_up(self, tags: Optional[list] = None) -> None: ...
 
-    # low-level hooks used by spark_megatron.sync.EngineSink
-    def expected_weights(self): ...
-
-    def begin_update(self, version: int) -> None: ...
-
-    def load_bucket(self, named_tensors: list) -> None: ...
-
-    def finish_update(self, version: int) -> None: ...
-
-    def abort_update(self, reason: str, dirty: bool) -> None: ...
-
 
 class WeightVersioning:
-    """Shared weight-update bookkeeping: version, stale state after a failed push, asleep flag."""
+    """Shared weight-update bookkeeping of in-process engines: version, stale state after a failed push, asleep
+    flag. Subclasses provide `expected_weights()` and `load_bucket(named_tensors)`, which `EngineSink` calls
+    between `begin_update` and `finish_update` / `abort_update`."""
 
     policy_version: int = 0
     bucket_bytes: int = 512 << 20
@@ -137,11 +132,16 @@ class WeightVersioning:
         self.asleep: Optional[int] = None
         self._updating: Optional[int] = None
 
+    def weight_sink(self):
+        from spark_megatron.sync.push import EngineSink
+
+        return EngineSink(self)
+
     def update_weights(self, weights, version: int, bucket_bytes: Optional[int] = None):
         """Validate the whole update against the engine's table, then load it bucket by bucket."""
-        from spark_megatron.sync.push import EngineSink, push_source
+        from spark_megatron.sync.push import push_source
 
-        return push_source([EngineSink(self)], weights, version, bucket_bytes or self.bucket_bytes)
+        return push_source([self.weight_sink()], weights, version, bucket_bytes or self.bucket_bytes)
 
     def begin_update(self, version: int) -> None:
         self._updating = version
@@ -164,17 +164,31 @@ class WeightVersioning:
             raise EngineStateError(f"engine is asleep (level {self.asleep}); call wake_up() first")
 
 
-def build_engine(cfg, hf_dir, **kwargs) -> RolloutEngine:
-    """RolloutConfig + HF directory -> engine (`cfg.engine`: vllm | hf). kwargs go to the engine class."""
+def build_engine(cfg, hf_dir, own_process: Optional[bool] = None, **kwargs) -> RolloutEngine:
+    """RolloutConfig + HF directory -> engine (`cfg.engine`: vllm | hf). kwargs go to the engine class.
+
+    `own_process`: run the engine in a spawned process behind a `RemoteEngine` proxy. Default (None): for vLLM
+    without CUDA inside an initialised torch.distributed world of more than one rank, where an in-process vLLM
+    would hang building its own world group; in-process otherwise.
+    """
+    if cfg.engine not in ("vllm", "hf"):
+        raise ValueError(f"rollout.engine must be 'vllm' or 'hf', got '{cfg.engine}'")
+    if own_process is None:
+        import torch.distributed as dist
+
+        own_process = cfg.engine == "vllm" and not torch.cuda.is_available() and dist.is_initialized() \
+            and dist.get_world_size() > 1
+    if own_process:
+        from spark_megatron.rollout.remote import RemoteEngine
+
+        return RemoteEngine(cfg, hf_dir, **kwargs)
     if cfg.engine == "vllm":
         from spark_megatron.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(hf_dir, cfg, **kwargs)
-    if cfg.engine == "hf":
-        from spark_megatron.rollout.hf_engine import HFEngine
+    from spark_megatron.rollout.hf_engine import HFEngine
 
-        return HFEngine(hf_dir, cfg, **kwargs)
-    raise ValueError(f"rollout.engine must be 'vllm' or 'hf', got '{cfg.engine}'")
+    return HFEngine(hf_dir, cfg, **kwargs)
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

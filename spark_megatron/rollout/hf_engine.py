@@ -23,7 +23,9 @@ class HFEngine(WeightVersioning):
     supports_sleep = False
 
     def __init__(self, hf_dir, cfg=None, dtype: str = "float32", device: str = "cpu",
-                 bucket_bytes: Optional[int] = None):
+                 bucket_bytes: Optional[int] = None, seed: int = 0):
+        """`seed` drives requests sampled without their own seed (a private generator: the caller's global RNG
+        is left alone), so the same sequence of calls gives the same samples."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.hf_dir = str(hf_dir)
@@ -36,6 +38,7 @@ class HFEngine(WeightVersioning):
         self._init_versioning(bucket_bytes or mb << 20)
         self._expected = None
         self._params = None
+        self._seeds = torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------------------------------ weights
     def expected_weights(self):
@@ -79,12 +82,13 @@ class HFEngine(WeightVersioning):
             tok = self.renderer.render(req)
             if tok.images:
                 raise EngineStateError("HFEngine serves text models only; use the vLLM engine for images")
-            seed = None if params.seed is None else params.seed + i
+            seed = int(torch.randint(2**31 - 1, (1,), generator=self._seeds)) if params.seed is None \
+                else params.seed + i
             groups.append(RolloutGroup(tok.prompt, self._generate_one(tok, params, seed)))
         return groups
 
     @torch.no_grad()
-    def _generate_one(self, tok: TokenizedRequest, params: SamplingSpec, seed: Optional[int]) -> list:
+    def _generate_one(self, tok: TokenizedRequest, params: SamplingSpec, seed: int) -> list:
         ids = torch.tensor([tok.token_ids], device=self.device)
         kw = dict(max_new_tokens=params.max_tokens, do_sample=not params.greedy, num_return_sequences=params.n,
                   output_logits=True, return_dict_in_generate=True, eos_token_id=self.tokenizer.eos_token_id,
@@ -94,8 +98,7 @@ class HFEngine(WeightVersioning):
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+            torch.manual_seed(seed)
             out = self.model.generate(ids, **kw)
         steps = torch.stack(out.logits, dim=1)  # [n, steps, vocab] raw (unprocessed) logits
         return [self._rollout(tok, out.sequences[j, ids.shape[1]:], steps[j], params) for j in range(params.n)]

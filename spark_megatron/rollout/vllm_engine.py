@@ -102,7 +102,9 @@ class VLLMEngine(WeightVersioning):
 
     def shutdown(self) -> None:
         """Release the engine and vLLM's process-global distributed state, so that another engine can be built
-        in this process (vLLM supports one live engine per process)."""
+        in this process (vLLM supports one live engine per process). Where vLLM joined a default process group
+        that already existed (a trainer's world of one, or external_launcher), vLLM's engine-core shutdown
+        destroys that group too: call this at the end of the job only."""
         import gc
 
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -112,8 +114,7 @@ class VLLMEngine(WeightVersioning):
             core.shutdown()
         self._llm = None
         gc.collect()
-        if self.placement == "standalone":  # colocated: the trainer owns torch.distributed
-            cleanup_dist_env_and_memory()
+        cleanup_dist_env_and_memory()
 
     @property
     def _in_process_workers(self) -> bool:

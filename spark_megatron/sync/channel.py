@@ -178,6 +178,17 @@ def _apply_push(channel: SyncChannel, engines: Sequence, plan: SyncPlan, version
     return "failed" if failure else "committed"
 
 
+def serve_one_push(channel: SyncChannel, engines: Sequence, require_all: bool = True) -> Optional[tuple]:
+    """Engine-process side: apply the next push arriving on the channel -> (outcome, version), or None when the
+    actor closed the channel. Outcomes: committed | rejected | failed | aborted."""
+    msg = channel.recv_obj(src=0)
+    if msg["op"] == "close":
+        return None
+    if msg["op"] != "begin":
+        raise WeightSyncError(f"unexpected channel message {msg['op']!r}")
+    return _apply_push(channel, engines, msg["plan"], msg["version"], require_all), msg["version"]
+
+
 def serve_weight_updates(channel: SyncChannel, engines: Sequence, on_commit: Optional[Callable] = None,
                          require_all: bool = True) -> dict:
     """Engine-process side: apply every push arriving on the channel to `engines` until the actor closes it.
@@ -186,13 +197,9 @@ def serve_weight_updates(channel: SyncChannel, engines: Sequence, on_commit: Opt
     answered with the validation error and leave the engines untouched. Returns counts per outcome.
     """
     outcomes: dict = {}
-    while True:
-        msg = channel.recv_obj(src=0)
-        if msg["op"] == "close":
-            return outcomes
-        if msg["op"] != "begin":
-            raise WeightSyncError(f"unexpected channel message {msg['op']!r}")
-        outcome = _apply_push(channel, engines, msg["plan"], msg["version"], require_all)
+    while (result := serve_one_push(channel, engines, require_all)) is not None:
+        outcome, version = result
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "committed" and on_commit is not None:
-            on_commit(msg["version"])
+            on_commit(version)
+    return outcomes

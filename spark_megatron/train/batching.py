@@ -5,9 +5,10 @@ prompt_len + j) is read at position prompt_len + j - 1. Every per-response-token
 reference / rollout logprobs) is placed at those positions of a [b, s] grid; `response_mask` is 1 exactly there.
 
 Shapes: pipeline p2p needs one [b, s] per schedule call, so with PP > 1 every micro-batch of a call is padded to
-the call's longest sequence (rounded up, see `padded_length`) and short micro-batches get all-masked filler rows.
-Without PP each micro-batch is padded only to its own longest sequence. Sequences are sorted by length before
-they are cut into micro-batches, so rows of one micro-batch have similar lengths and little padding.
+the call's longest sequence (rounded up, see `padded_length`) and short micro-batches get all-masked filler rows;
+the actor therefore runs length-sorted groups of 4 x PP micro-batches as separate calls. Without PP each
+micro-batch is padded only to its own longest sequence. Sequences are sorted by length before they are cut into
+micro-batches, so rows of one micro-batch have similar lengths and little padding.
 """
 from __future__ import annotations
 

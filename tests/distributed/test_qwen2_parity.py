@@ -66,6 +66,7 @@ def test_megatron_logits_match_hf_at_every_layout_tied_and_untied():
     assert [(r["kind"], r["tp"], r["pp"]) for r in rows] == [(k, tp, pp) for k in hf_dirs for tp, pp in LAYOUTS]
     for r in rows:
         where = f"{r['kind']} TP{r['tp']} PP{r['pp']}"
+        print(f"{where}: logits {r['logits']:.2e}, worst hidden {max(r['hidden'].values()):.2e}")
         assert r["logits"] <= TOL, f"{where}: logits differ by {r['logits']:.3e}"
         # HF exposes layer L-1 only after the final norm, hence 'final_norm' instead of its raw output
         assert set(r["hidden"]) == set(range(r["num_layers"] - 1)) | {"final_norm"}, where

@@ -266,3 +266,55 @@ def test_single_process_actor_pushes_into_inprocess_vllm(tmp_path):
     hf_dir = write_tiny_qwen2(tmp_path / "tiny")
     r = run_on_ranks(_inprocess_job, 1, str(hf_dir), timeout_s=300)[0]
     assert r["diff"] <= TOL and r["moved"] > 1e-2, r
+
+
+def _remote_job(rank, world, hf_dir):
+    """TP2 actor; rank 0 drives a vLLM engine living in its own process (RemoteEngine): push, score, generate,
+    and a rejected bf16 push, all through the proxy."""
+    from spark_megatron.config import RolloutConfig
+    from spark_megatron.models.qwen2 import TextModelShape, build_stage
+    from spark_megatron.models.qwen2_mapping import qwen2_mappings
+    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from spark_megatron.parallel.groups import init_distributed
+    from spark_megatron.rollout import SamplingSpec, token_request
+    from spark_megatron.rollout.remote import RemoteEngine
+    from spark_megatron.sync import WeightValidationError, push_actor_weights
+
+    init_distributed(2, 1)
+    shape = TextModelShape.from_hf_dir(hf_dir)
+    registry = qwen2_mappings(shape)
+    model = build_stage(shape)
+    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    remote = RemoteEngine(RolloutConfig(max_prompt_tokens=64, max_response_tokens=16), hf_dir, dtype="float32") \
+        if rank == 0 else None
+    seqs = _sequences(shape.vocab_size)
+    _perturb(model, seed=55)
+    sink = remote.weight_sink if remote is not None else (lambda: None)
+    push_actor_weights([model], registry, 1, BUCKET_BYTES, sink=sink(), dtype=torch.float32)
+    try:
+        push_actor_weights([model], registry, 2, BUCKET_BYTES, sink=sink(), dtype=torch.bfloat16)
+        rejected = None
+    except WeightValidationError as e:
+        rejected = str(e)
+    actor = _megatron_logprobs(model, seqs, shape.vocab_size)
+    out = dict(rejected=rejected)
+    if remote is not None:
+        from spark_megatron.rollout import RolloutEngine
+
+        assert isinstance(remote, RolloutEngine)
+        greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=4)
+        out.update(diff=(torch.stack(remote.score(seqs.tolist())) - actor).abs().max().item(),
+                   version=remote.policy_version,
+                   rollout_version=remote.generate([token_request([1, 2, 3])], greedy)[0].rollouts[0].policy_version)
+        remote.shutdown()
+    return out
+
+
+def test_remote_engine_serves_a_multi_rank_actor(tmp_path):
+    from spark_megatron.models.tiny_checkpoint import write_tiny_qwen2
+
+    hf_dir = write_tiny_qwen2(tmp_path / "tiny")
+    ranks = run_on_ranks(_remote_job, 2, str(hf_dir), timeout_s=300)
+    r = ranks[0]
+    assert r["diff"] <= TOL and r["version"] == 1 and r["rollout_version"] == 1, r
+    assert all("bfloat16" in x["rejected"] for x in ranks)

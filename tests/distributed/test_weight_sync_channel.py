@@ -5,12 +5,12 @@ accepted pushes arrive bit-exactly in both, in whole reload units.
 """
 from __future__ import annotations
 
-import threading
+import traceback
 
 import pytest
 import torch
 
-from spark_megatron.parallel.spawn import free_port, run_on_ranks
+from spark_megatron.parallel.spawn import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -52,49 +52,56 @@ class _TableEngine:
         self.stale = reason if dirty else None
 
 
-def _engine_member(rank, world, port):
-    from spark_megatron.sync.channel import SyncChannel, serve_weight_updates
+def _engine_member(rank, world, port, queue):
+    """Engine process `rank` of `world`: serves the channel until the actor closes it, then reports."""
+    try:
+        from spark_megatron.sync.channel import SyncChannel, serve_weight_updates
 
-    pairs = _base_pairs()
-    if rank == 1:
-        pairs.append((EXTRA, torch.zeros(8, 4)))  # this engine knows one more tensor than the other
-    engine = _TableEngine(pairs)
-    channel = SyncChannel.connect("127.0.0.1", port, rank + 1, world + 1, is_master=False, timeout_s=120)
-    outcomes = serve_weight_updates(channel, [engine], require_all=False)
-    channel.close()
-    return dict(outcomes=outcomes, version=engine.policy_version, dest=engine.dest, loaded=engine.loaded,
-                stale=engine.stale)
+        pairs = _base_pairs()
+        if rank == 1:
+            pairs.append((EXTRA, torch.zeros(8, 4)))  # this engine knows one more tensor than the other
+        engine = _TableEngine(pairs)
+        channel = SyncChannel.connect("127.0.0.1", port, rank + 1, world + 1, is_master=False, timeout_s=120)
+        outcomes = serve_weight_updates(channel, [engine], require_all=False)
+        channel.close()
+        dest = {n: t.tolist() for n, t in engine.dest.items()}  # plain data: this process exits right after
+        queue.put((rank, dict(outcomes=outcomes, version=engine.policy_version, dest=dest, loaded=engine.loaded,
+                              stale=engine.stale)))
+    except BaseException:  # noqa: BLE001 - reported to the test
+        queue.put((rank, traceback.format_exc()))
 
 
 def test_channel_pushes_to_two_engine_processes_and_rejects_for_all():
+    import torch.multiprocessing as mp
+
     from spark_megatron.sync import WeightValidationError, push_source
     from spark_megatron.sync.channel import ChannelSink, SyncChannel
 
-    port, result = free_port(), {}
-
-    def engines():
-        try:
-            result["ranks"] = run_on_ranks(_engine_member, 2, port, timeout_s=180)
-        except BaseException as e:  # noqa: BLE001
-            result["error"] = e
-
-    t = threading.Thread(target=engines, daemon=True)
-    t.start()
-    sink = ChannelSink(SyncChannel.connect("127.0.0.1", port, 0, 3, is_master=True, timeout_s=120))
-    push_source([sink], _base_pairs(2.0), version=1, bucket_bytes=200)
-    with pytest.raises(WeightValidationError, match=f"unknown tensor '{EXTRA}'"):
-        push_source([sink], _base_pairs(5.0) + [(EXTRA, torch.ones(8, 4))], version=2, bucket_bytes=200)
-    final = _base_pairs(3.0)
-    push_source([sink], final, version=3, bucket_bytes=200)
-    sink.close()
-    import time; t0 = time.time()
-    t.join(timeout=180)
-    print("join", time.time() - t0)
-    if "error" in result:
-        raise result["error"]
-    for r in result["ranks"]:
+    # plain processes, not run_on_ranks: engine processes are outside any torch.distributed world
+    ctx, port = mp.get_context("spawn"), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_engine_member, args=(r, 2, port, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        sink = ChannelSink(SyncChannel.connect("127.0.0.1", port, 0, 3, is_master=True, timeout_s=120))
+        push_source([sink], _base_pairs(2.0), version=1, bucket_bytes=200)
+        with pytest.raises(WeightValidationError, match=f"unknown tensor '{EXTRA}'"):
+            push_source([sink], _base_pairs(5.0) + [(EXTRA, torch.ones(8, 4))], version=2, bucket_bytes=200)
+        final = _base_pairs(3.0)
+        push_source([sink], final, version=3, bucket_bytes=200)
+        sink.close()
+        results = dict(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank in range(2):
+        r = results[rank]
+        assert isinstance(r, dict), r
         assert r["outcomes"] == {"committed": 2, "rejected": 1} and r["version"] == 3 and r["stale"] is None
-        assert all(torch.equal(r["dest"][n], t) for n, t in final)
+        assert all(torch.equal(torch.tensor(r["dest"][n], dtype=t.dtype), t) for n, t in final)
         assert not any(EXTRA in names for names in r["loaded"])
         assert any(len(names) == 6 for names in r["loaded"])  # a qkv module (3 weights + 3 biases) in one bucket
-    assert torch.equal(result["ranks"][1]["dest"][EXTRA], torch.zeros(8, 4))
+    assert torch.equal(torch.tensor(results[1]["dest"][EXTRA]), torch.zeros(8, 4))

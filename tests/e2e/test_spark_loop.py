@@ -90,7 +90,9 @@ def test_spark_loop_tp2_engine_tracks_actor(tmp_path):
 
 
 def one_step_worker(rank, world, out_dir, recycle):
-    trainer = _trainer(rank, _overrides(out_dir, tp=1, recycle=recycle, steps=1))
+    # constant LR: the cosine schedule's length counts reward-period optimizer steps, which is a real difference
+    constant_lr = ["optim.min_lr_ratio=1.0", "optim.warmup_ratio=0"]
+    trainer = _trainer(rank, _overrides(out_dir, tp=1, recycle=recycle, steps=1) + constant_lr)
     step, batch = next(trainer.state.batches())
     row = trainer.train_step(step, batch.prompts)
     trainer.close()
@@ -99,8 +101,8 @@ def one_step_worker(rank, world, out_dir, recycle):
 
 @pytest.mark.distributed
 def test_recycling_changes_only_recycled_batches(tmp_path):
-    """Same seed, same warm-up, same rollouts: the policy update is identical with and without recycling;
-    only SPARK adds recycle statistics and a reward-period update."""
+    """Same seed, same warm-up, same rollouts, constant LR: the policy update is identical with and without
+    recycling; only SPARK adds recycle statistics and a reward-period update."""
     grpo = run_on_ranks(one_step_worker, 1, str(tmp_path / "grpo"), False, timeout_s=600, env=VLLM_ENV)[0]
     spark = run_on_ranks(one_step_worker, 1, str(tmp_path / "spark"), True, timeout_s=600, env=VLLM_ENV)[0]
     policy_keys = [k for k in grpo if k.startswith("policy/") and isinstance(grpo[k], (int, float))]

@@ -43,7 +43,10 @@ SEQS = [[5, 17, 33, 48, 101, 7, 250, 3], [120, 121, 122], [9, 400, 12, 88, 31, 2
 def test_vllm_scores_and_greedy_rollouts_match_hf_reference(engines):
     from spark_megatron.rollout import SamplingSpec
 
+    from spark_megatron.rollout import RolloutEngine
+
     vllm, hf, _ = engines
+    assert isinstance(vllm, RolloutEngine) and isinstance(hf, RolloutEngine)
     for a, b in zip(vllm.score(SEQS), hf.score(SEQS)):
         assert a.shape == b.shape and (a - b).abs().max().item() <= TOL
     spec = SamplingSpec(n=1, temperature=0.0, max_tokens=16)
