@@ -7,8 +7,8 @@ from pathlib import Path
 
 from spark_megatron.metrics import read_metrics
 
-DEFAULT_KEYS = ("policy/accuracy", "judge/accuracy", "reflection/accuracy", "loss/kl", "actor/entropy",
-                "rollout/response_len", "time/step_s")
+DEFAULT_KEYS = ("policy/accuracy", "judge/accuracy", "reflection/accuracy", "policy/kl", "policy/entropy",
+                "rollout/response_len", "perf/tokens_per_s", "time/step_s")
 
 
 def smooth(values: list, window: int) -> list:

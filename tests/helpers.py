@@ -32,15 +32,17 @@ def session_dir() -> Path:
 
 
 def tiny_hf_checkpoint(kind: str = "untied") -> Path:
-    """Path of a tiny random HF checkpoint (written on first use; treat as read-only): a TINY_SPECS Qwen2, or
-    kind='vl' for the default tiny Qwen2.5-VL."""
+    """Path of a tiny random HF checkpoint (written on first use; treat as read-only): a TINY_SPECS Qwen2,
+    kind='vl' for the default tiny Qwen2.5-VL, or 'vl_odd_mlp' for one whose vision MLP width (97) Megatron
+    zero-pads (to 128)."""
     from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
 
     if kind not in _CACHE:
-        if kind == "vl":
-            from spark_megatron.models.tiny_vl_checkpoint import write_tiny_qwen2_5_vl
+        if kind in ("vl", "vl_odd_mlp"):
+            from spark_megatron.models.tiny_vl_checkpoint import TinyQwen25VLSpec, write_tiny_qwen2_5_vl
 
-            _CACHE[kind] = write_tiny_qwen2_5_vl(session_dir() / "hf_vl")
+            spec = TinyQwen25VLSpec(vision_intermediate_size=97 if kind == "vl_odd_mlp" else 128)
+            _CACHE[kind] = write_tiny_qwen2_5_vl(session_dir() / f"hf_{kind}", spec)
         else:
             _CACHE[kind] = write_tiny_qwen2(session_dir() / f"hf_{kind}", TinyQwen2Spec(**TINY_SPECS[kind]))
     return _CACHE[kind]

@@ -6,7 +6,7 @@ lay out its buffers): word embedding (vocab-parallel, first stage), per layer th
 attention projection, the column-parallel fused QKV weight and bias, the pre-MLP norm, the fused gate+up fc1
 (2 x ffn) and fc2; the final norm and the output layer on the last stage (on the last stage also when the
 embedding is tied and PP > 1: Megatron keeps a synchronised copy there). A VL model's vision tower sits on the
-first stage.
+first stage, its MLP width zero-padded exactly as spark_megatron.models.vision pads it (`vision_ffn_size`).
 
 Names follow Megatron's local layer spec (`input_layernorm`, `pre_mlp_layernorm`), which is what runs on CPU and
 what the distributed test compares against; the TE spec fuses those norms into `linear_qkv`/`linear_fc1` as
@@ -15,11 +15,12 @@ what the distributed test compares against; the TE spec fuses those norms into `
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 from spark_megatron.models.qwen2 import ModelSpecError, TextModelShape, padded_vocab_size
+from spark_megatron.models.vision import vision_ffn_size
 
 TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
 VL_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
@@ -112,6 +113,9 @@ class ParamEntry:
     """Megatron's `shared_embedding` attribute (tied embedding split across PP): gets its own DDP bucket."""
     linear: bool = False
     """A GEMM weight (what FP8 recipes cast to FP8)."""
+    padding: int = 0
+    """Elements of `full_numel` that are Megatron's zero padding, absent from the HF model (vocab rows beyond
+    the vocabulary, vision MLP units beyond intermediate_size)."""
 
 
 def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
@@ -144,9 +148,10 @@ def decoder_layer_params(shape: TextModelShape, tp: int, prefix: str) -> list:
 
 def vision_params(vision: VisionShape, tp: int, frozen: bool, prefix: str = "vision_model") -> list:
     """The vision tower as spark_megatron.models.vision builds it: a Conv3d patch embedding kept as one
-    weight, megatron transformer layers with biases (TP-sharded like the language model; the model family
-    rejects a TP that does not divide the tower), and the 2x2 patch merger (RMSNorm + column/row-parallel MLP)."""
-    hv, fv = vision.hidden_size, vision.intermediate_size
+    weight, megatron transformer layers with biases (TP-sharded like the language model; the MLP width padded
+    with zero units to `vision_ffn_size`), and the 2x2 patch merger (RMSNorm + column/row-parallel MLP)."""
+    hv, fv = vision.hidden_size, vision_ffn_size(vision.intermediate_size, tp)
+    pad = fv - vision.intermediate_size
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     out = [ParamEntry(f"{prefix}.patch_embed_weight", patch * hv, patch * hv)]
     for i in range(vision.depth):
@@ -155,14 +160,15 @@ def vision_params(vision: VisionShape, tp: int, frozen: bool, prefix: str = "vis
         out += _linear(f"{p}.self_attention.linear_proj", hv, hv, tp, split_out=False, bias=True)
         out += _linear(f"{p}.self_attention.linear_qkv", 3 * hv, hv, tp, split_out=True, bias=True)
         out.append(ParamEntry(f"{p}.pre_mlp_layernorm.weight", hv, hv, norm=True))
-        out += _linear(f"{p}.mlp.linear_fc1", 2 * fv, hv, tp, split_out=True, bias=True)
-        out += _linear(f"{p}.mlp.linear_fc2", hv, fv, tp, split_out=False, bias=True)
+        w1, b1 = _linear(f"{p}.mlp.linear_fc1", 2 * fv, hv, tp, split_out=True, bias=True)
+        w2, b2 = _linear(f"{p}.mlp.linear_fc2", hv, fv, tp, split_out=False, bias=True)
+        out += [replace(w1, padding=2 * pad * hv), replace(b1, padding=2 * pad), replace(w2, padding=hv * pad), b2]
     merged = hv * vision.spatial_merge_size ** 2
     out.append(ParamEntry(f"{prefix}.merger.ln_q.weight", hv, hv))  # a plain torch RMSNorm in params_dtype
     out += _linear(f"{prefix}.merger.fc1", merged, merged, tp, split_out=True, bias=True)
     out += _linear(f"{prefix}.merger.fc2", vision.out_hidden_size, merged, tp, split_out=False, bias=True)
     if frozen:
-        out = [ParamEntry(e.name, e.numel, e.full_numel, e.norm, True, False, e.linear) for e in out]
+        out = [replace(e, frozen=True, shared_embedding=False) for e in out]
     return out
 
 
@@ -178,25 +184,22 @@ def rank_params(arch: ModelArchitecture, tp: int, pp: int, pp_rank: int, divisib
     out = []
     if arch.vision is not None and first:
         out += vision_params(arch.vision, tp, freeze_vision)
+    vocab_pad = (vocab - shape.vocab_size) * h
     if first:
         out.append(ParamEntry(f"{lm}embedding.word_embeddings.weight", vocab // tp * h, vocab * h,
-                              shared_embedding=tied and not last))
+                              shared_embedding=tied and not last, padding=vocab_pad))
     for local_i, _ in enumerate(stage_layers(shape.num_layers, pp, pp_rank)):
         out += decoder_layer_params(shape, tp, f"{lm}decoder.layers.{local_i}")
     if last:
         out.append(ParamEntry(f"{lm}decoder.final_layernorm.weight", h, h, norm=True))
         if not tied or not first:
             out.append(ParamEntry(f"{lm}output_layer.weight", vocab // tp * h, vocab * h, linear=True,
-                                  shared_embedding=tied))
+                                  shared_embedding=tied, padding=vocab_pad))
     return out
 
 
 def total_params(arch: ModelArchitecture, include_padding: bool = False, divisible_by: int = 128) -> int:
-    """Parameters of the whole model as HF counts them (vocab unpadded, tied embedding counted once)."""
+    """Parameters of the whole model as HF counts them (without Megatron's zero padding of the vocab and the
+    vision MLP, tied embedding counted once); `include_padding` counts what Megatron allocates at TP 1."""
     entries = rank_params(arch, 1, 1, 0, divisible_by)
-    total = sum(e.full_numel for e in entries)
-    if not include_padding:
-        pad = padded_vocab_size(arch.text.vocab_size, divisible_by, 1) - arch.text.vocab_size
-        n_vocab_mats = 1 if arch.text.tie_word_embeddings else 2
-        total -= pad * arch.text.hidden_size * n_vocab_mats
-    return total
+    return sum(e.full_numel - (0 if include_padding else e.padding) for e in entries)

@@ -25,6 +25,7 @@ from spark_megatron.launch.architecture import ModelArchitecture, rank_params, s
 from spark_megatron.launch.grad_buffers import bucket_elements, buffer_layout, owned_elements
 from spark_megatron.launch.validation import DeviceLayout, RecipeError, validate_recipe
 from spark_megatron.models.qwen2 import padded_vocab_size
+from spark_megatron.models.vision import vision_ffn_size
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -229,9 +230,9 @@ def activation_bytes(cfg, arch: ModelArchitecture, lay: DeviceLayout, pp_rank: i
         # worst case: the prompt is all image tokens, each merging spatial_merge^2 patches
         patches = b * min(cfg.data.image_max_pixels // v.patch_size ** 2,
                           v.spatial_merge_size ** 2 * cfg.rollout.max_prompt_tokens)
+        ffn = vision_ffn_size(v.intermediate_size, lay.tp)  # padded units hold (zero) activations too
         block = layer_activation_bytes(patches, patches, 1, v.hidden_size, v.num_heads, v.num_heads,
-                                       v.hidden_size // v.num_heads, v.intermediate_size, lay.tp, e, False,
-                                       fp8, flash)
+                                       v.hidden_size // v.num_heads, ffn, lay.tp, e, False, fp8, flash)
         # the tower is not recomputed; it runs in the first model chunk only
         total += block * v.depth * min(lay.pp - pp_rank, lay.microbatches)
     return total, inflight

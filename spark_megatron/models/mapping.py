@@ -8,6 +8,7 @@ Conversion, loading and weight sync all go through these objects, so a layout ru
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -156,6 +157,74 @@ class GatedMLPMapping(ParamMapping):
     def gather_shards(self, shards):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+# ---- zero-padded widths: a TP-split dim the HF model does not make divisible (the Qwen2.5-VL vision MLP)
+def padded_size(size: int, tp: int, shard_multiple: int = 1, multiple: int = 1) -> int:
+    """Smallest width >= `size` that splits into `tp` shards each a multiple of `shard_multiple`, and is itself
+    a multiple of `multiple` (a `multiple` that every usual TP x shard_multiple divides keeps the width, and
+    so the checkpoint shape, the same across those TP sizes)."""
+    unit = math.lcm(shard_multiple * tp, multiple)
+    return -(-size // unit) * unit
+
+
+def zero_pad(t: torch.Tensor, dim: int, size: int, to: int) -> torch.Tensor:
+    """The first `size` entries of `t` along `dim`, followed by zeros up to `to` entries."""
+    t = t.narrow(dim, 0, size)
+    if to == size:
+        return t
+    fill = list(t.shape)
+    fill[dim] = to - size
+    return torch.cat([t, t.new_zeros(fill)], dim=dim)
+
+
+@dataclass(frozen=True)
+class PaddedGatedMLPMapping(GatedMLPMapping):
+    """GatedMLPMapping whose intermediate dim is `size` in HF and zero-padded to `padded_size(size, tp, ...)` in
+    Megatron (gate and up each padded at their end). Import pads, export strips, so HF -> Megatron -> HF is exact
+    at any TP; the full (gathered) tensor may carry any padding, `shard` re-fits it to the target TP."""
+
+    size: int = 0
+    shard_multiple: int = 1
+    multiple: int = 1
+
+    def _fit(self, full, tp):
+        to = padded_size(self.size, tp, self.shard_multiple, self.multiple)
+        return torch.cat([zero_pad(half, 0, self.size, to) for half in full.chunk(2, dim=0)], dim=0)
+
+    def hf_to_full(self, hf):
+        if hf[0].shape[0] != self.size:
+            raise MappingError(f"{self.hf[0]}: expected {self.size} rows, got {hf[0].shape[0]}")
+        return self._fit(super().hf_to_full(hf), 1)
+
+    def full_to_hf(self, full):
+        return [half[: self.size] for half in super().full_to_hf(full)]
+
+    def shard(self, full, tp_rank, tp_size):
+        return super().shard(self._fit(full, tp_size), tp_rank, tp_size)
+
+
+@dataclass(frozen=True)
+class PaddedRowParallelMapping(RowParallelMapping):
+    """RowParallelMapping whose input dim is `size` in HF and zero-padded columns up to `padded_size(...)`."""
+
+    size: int = 0
+    shard_multiple: int = 1
+    multiple: int = 1
+
+    def _fit(self, full, tp):
+        return zero_pad(full, 1, self.size, padded_size(self.size, tp, self.shard_multiple, self.multiple))
+
+    def hf_to_full(self, hf):
+        if hf[0].shape[1] != self.size:
+            raise MappingError(f"{self.hf[0]}: expected {self.size} columns, got {hf[0].shape[1]}")
+        return self._fit(hf[0], 1)
+
+    def full_to_hf(self, full):
+        return [full[:, : self.size]]
+
+    def shard(self, full, tp_rank, tp_size):
+        return super().shard(self._fit(full, tp_size), tp_rank, tp_size)
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")

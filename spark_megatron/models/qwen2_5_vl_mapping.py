@@ -2,15 +2,19 @@
 
 HF names are the checkpoint (safetensors) names that `save_pretrained` writes and vLLM loads: `visual.*`,
 `model.*` (language model), `lm_head.weight`. In-memory HF modules use `model.visual.*` /
-`model.language_model.*`; `hf_module_name` converts for `load_state_dict`.
+`model.language_model.*`; `hf_module_name` converts for `load_state_dict`. The vision MLP width is zero-padded
+in Megatron (models/vision.py says why and how much); its mappings pad on import and strip on export, so
+conversion and weight sync see HF's shapes.
 """
 from __future__ import annotations
 
 import torch
 
-from spark_megatron.models.mapping import (ColumnParallelMapping, GatedMLPMapping, MappingError, MappingRegistry,
-                                           QKVMapping, ReplicatedMapping, RowParallelMapping)
+from spark_megatron.models.mapping import (ColumnParallelMapping, MappingError, MappingRegistry,
+                                           PaddedGatedMLPMapping, PaddedRowParallelMapping, QKVMapping,
+                                           ReplicatedMapping, RowParallelMapping)
 from spark_megatron.models.qwen2_mapping import qwen2_mappings
+from spark_megatron.models.vision import FFN_MULTIPLE, FFN_SHARD_MULTIPLE
 
 VISION_MCORE = "vision_model."
 LM_MCORE = "language_model."
@@ -31,6 +35,7 @@ class VisionQKVMapping(QKVMapping):
 
 def vision_layer_mappings(vshape, m: str, h: str) -> list:
     qkv = dict(num_heads=vshape.num_heads, num_kv_heads=vshape.num_heads, head_dim=vshape.head_dim)
+    ffn = dict(size=vshape.intermediate_size, shard_multiple=FFN_SHARD_MULTIPLE, multiple=FFN_MULTIPLE)
     return [
         ReplicatedMapping(f"{m}input_layernorm.weight", (f"{h}norm1.weight",)),
         VisionQKVMapping(f"{m}self_attention.linear_qkv.weight", (f"{h}attn.qkv.weight",), **qkv),
@@ -38,9 +43,10 @@ def vision_layer_mappings(vshape, m: str, h: str) -> list:
         RowParallelMapping(f"{m}self_attention.linear_proj.weight", (f"{h}attn.proj.weight",)),
         ReplicatedMapping(f"{m}self_attention.linear_proj.bias", (f"{h}attn.proj.bias",)),
         ReplicatedMapping(f"{m}pre_mlp_layernorm.weight", (f"{h}norm2.weight",)),
-        GatedMLPMapping(f"{m}mlp.linear_fc1.weight", (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight")),
-        GatedMLPMapping(f"{m}mlp.linear_fc1.bias", (f"{h}mlp.gate_proj.bias", f"{h}mlp.up_proj.bias")),
-        RowParallelMapping(f"{m}mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",)),
+        PaddedGatedMLPMapping(f"{m}mlp.linear_fc1.weight", (f"{h}mlp.gate_proj.weight", f"{h}mlp.up_proj.weight"),
+                              **ffn),
+        PaddedGatedMLPMapping(f"{m}mlp.linear_fc1.bias", (f"{h}mlp.gate_proj.bias", f"{h}mlp.up_proj.bias"), **ffn),
+        PaddedRowParallelMapping(f"{m}mlp.linear_fc2.weight", (f"{h}mlp.down_proj.weight",), **ffn),
         ReplicatedMapping(f"{m}mlp.linear_fc2.bias", (f"{h}mlp.down_proj.bias",)),
     ]
 

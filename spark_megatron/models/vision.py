@@ -14,7 +14,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from spark_megatron.models.mapping import padded_size
 from spark_megatron.models.qwen2 import ModelSpecError, _DTYPES, have_transformer_engine
+
+# The vision MLP width (3420 in every Qwen2.5-VL) is zero-padded so any TP splits it (HF -> Megatron pads, export
+# and weight sync strip, see qwen2_5_vl_mapping). Each TP shard is a multiple of 16: TE's FP8 GEMMs need
+# dims divisible by 16 and bf16 tensor cores prefer it. The padded width is also a multiple of 128 = 16 x 8, so
+# TP 1, 2, 4 and 8 all pad alike (3420 -> 3456, 1 % more MLP) and a Megatron checkpoint's vision MLP has one
+# shape that dist_checkpointing reshards across those TP sizes, as the TP-independent padded vocab does.
+FFN_SHARD_MULTIPLE = 16
+FFN_MULTIPLE = 128
 
 
 @dataclass
@@ -42,6 +51,10 @@ class VisionShape:
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
+    def ffn_size(self, tp: int) -> int:
+        """The MLP width Megatron allocates at this TP (HF's intermediate_size zero-padded)."""
+        return vision_ffn_size(self.intermediate_size, tp)
+
     @classmethod
     def from_hf_dict(cls, v: dict, source: str = "config.json") -> "VisionShape":
         if v.get("hidden_act", "silu") != "silu":
@@ -58,12 +71,24 @@ class VisionShape:
             raise ModelSpecError(f"{source}: vision_config lacks {e}") from None
 
 
+def vision_ffn_size(intermediate_size: int, tp: int) -> int:
+    """HF vision intermediate_size -> the zero-padded width every TP rank's MLP shard is cut from."""
+    return padded_size(intermediate_size, tp, FFN_SHARD_MULTIPLE, FFN_MULTIPLE)
+
+
+def ffn_padding_start(intermediate_size: int, tp: int, tp_rank: int) -> int:
+    """Local index (within this rank's shard of the padded width) where the zero padding begins; = the shard
+    width when the rank holds no padding. Padding sits at the end of the full width, so on the last rank(s)."""
+    shard = vision_ffn_size(intermediate_size, tp) // tp
+    return min(max(intermediate_size - tp_rank * shard, 0), shard)
+
+
 def vision_transformer_config(v: VisionShape, tp: int, params_dtype: str = "float32", fp8: Optional[str] = None):
     from megatron.core.transformer import TransformerConfig
 
     dtype = _DTYPES[params_dtype]
     kw = dict(
-        num_layers=v.depth, hidden_size=v.hidden_size, ffn_hidden_size=v.intermediate_size,
+        num_layers=v.depth, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_size(tp),
         num_attention_heads=v.num_heads, num_query_groups=v.num_heads, kv_channels=v.head_dim,
         normalization="RMSNorm", layernorm_epsilon=1e-6, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=True, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
@@ -180,6 +205,7 @@ class VisionTransformer(torch.nn.Module):
         self.decoder = TransformerBlock(config=config, spec=vision_layer_spec(self.use_te),
                                         post_layer_norm=False, pre_process=True, post_process=False)
         self.merger = PatchMerger(v, config)
+        self.zero_ffn_padding()
         half = v.head_dim // 2
         self.register_buffer("inv_freq", 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float)
                                                                   / half)), persistent=False)
@@ -213,6 +239,32 @@ class VisionTransformer(torch.nn.Module):
             x = out[0] if isinstance(out, tuple) else out
         merged = self.merger(x.view(n, -1))
         return merged[torch.argsort(perm)]
+
+    @torch.no_grad()
+    def zero_ffn_padding(self) -> None:
+        """Zero this rank's padded MLP slots (random init touched them): gate/up rows + their biases, down columns.
+
+        Why the padding then stays exact and zero for good: a padded unit has gate = up = 0, so it outputs
+        silu(0) * 0 = 0 whatever the input, and its down column multiplies that 0. Its gradients are exactly 0
+        too (for a finite upstream gradient g; a non-finite step is skipped by step_optimizer): d up =
+        silu(0) * g = 0 and d gate = silu'(0) * up * g = 0, so the gate/up rows and biases get 0 * input = 0, and
+        the down column gets g * 0 = 0. Adam's moments of a slot whose gradient is always 0 stay 0, its update
+        m / (sqrt(v) + eps) is 0, decoupled weight decay lr * wd * 0 is 0 (coupled L2 would add wd * 0 to the
+        gradient), gradient clipping scales 0 to 0 and bf16/fp8 casts keep 0 -- so the padded slots are exactly
+        zero after every step (checked in tests/distributed/test_vl_padding.py).
+        """
+        from megatron.core import parallel_state as ps
+
+        tp, v = self.config.tensor_model_parallel_size, self.shape
+        shard = v.ffn_size(tp) // tp
+        start = ffn_padding_start(v.intermediate_size, tp, ps.get_tensor_model_parallel_rank() if tp > 1 else 0)
+        if start == shard:
+            return
+        for layer in self.decoder.layers:
+            fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
+            for t in (fc1.weight, fc1.bias):  # local rows are [gate shard; up shard]
+                t.view((2, shard) + tuple(t.shape[1:]))[:, start:] = 0
+            fc2.weight[:, start:] = 0
 
     def set_requires_grad(self, flag: bool) -> None:
         for p in self.parameters():

@@ -24,7 +24,7 @@ SCENARIOS = [  # (model, tp, pp, params dtype, builder)
     ("tied", 2, 2, "bfloat16", "actor"),
     ("untied", 1, 2, "float32", "actor"),  # DP 2: optimizer state sharded across data-parallel ranks
     ("tied", 2, 1, "bfloat16", "bucketed"),  # DP 2, overlap_grad_reduce with many small buckets
-    ("vl", 2, 2, "bfloat16", "actor"),  # vision tower on the first stage
+    ("vl", 2, 2, "bfloat16", "actor"),  # vision tower on the first stage, its odd MLP width zero-padded
 ]
 
 
@@ -88,12 +88,13 @@ def _worker(rank, world, dirs, scenarios):
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
-    from spark_megatron.models.tiny_vl_checkpoint import write_tiny_qwen2_5_vl
+    from spark_megatron.models.tiny_vl_checkpoint import TinyQwen25VLSpec, write_tiny_qwen2_5_vl
 
     root = tmp_path_factory.mktemp("planner_models")
     return {"untied": str(write_tiny_qwen2(root / "untied", TinyQwen2Spec())),
             "tied": str(write_tiny_qwen2(root / "tied", TinyQwen2Spec(tie_word_embeddings=True))),
-            "vl": str(write_tiny_qwen2_5_vl(root / "vl"))}
+            # vision MLP width 97: TP 2 pads it to 128, which the planner must count as megatron allocates it
+            "vl": str(write_tiny_qwen2_5_vl(root / "vl", TinyQwen25VLSpec(vision_intermediate_size=97)))}
 
 
 def _planned(hf_dir, tp, pp, dtype, builder, pp_rank, dp_rank):

@@ -81,6 +81,7 @@ def test_spark_loop_tp2_engine_tracks_actor(tmp_path):
     for s in steps:
         row = s["row"]
         assert math.isfinite(row["policy/loss"]) and math.isfinite(row["policy/grad_norm"])
+        assert row["perf/rollout_tokens_per_s"] > 0 and row["perf/train_tokens_per_s"] > 0
         assert s["moved"] > 0, "actor weights did not change"
         assert 0 <= s["engine_vs_actor"] <= 1e-4, f"engine serves other weights: {s['engine_vs_actor']}"
         assert row["policy_version"] == steps.index(s) + 2  # initial push = 1, then one push per step

@@ -56,7 +56,7 @@ def test_slurm_dryrun_32b_renders_sbatch_with_the_recipes_layout(tunnel, tmp_pat
     torchrun = argv[argv.index("torchrun"):]
     nnodes, nproc = int(_flag(torchrun, "--nnodes")), int(_flag(torchrun, "--nproc-per-node"))
     assert (nnodes, nproc) == (2, 8)
-    assert nnodes * nproc == lay.tp * lay.pp * lay.dp == 16 and (lay.tp, lay.pp, lay.dp) == (4, 4, 1)
+    assert nnodes * nproc == lay.tp * lay.pp * lay.dp == 16 and (lay.tp, lay.pp, lay.dp) == (8, 2, 1)
     assert torchrun[torchrun.index("-m") + 1] == "spark_megatron.launch.train_entry"
     # the sbatch script writes the resolved recipe into the job directory mounted at /nemo_run, where the ranks
     # read it: replay that heredoc and load what the ranks would load
@@ -89,8 +89,6 @@ BAD = [
     ("fp8-no-te", FP8, ["launch.container_has_te=false"], "needs Transformer Engine"),
     ("fp8-ampere", FP8, ["launch.gpu_arch=ampere"], "needs a Hopper GPU"),
     ("rollout-tp", R7, ["rollout.tensor_parallel_size=3"], "rollout.tensor_parallel_size 3 does not divide the 8"),
-    ("vision-tp", R32, ["parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=2"],
-     "TP 8 does not divide vision intermediate_size 3420"),
     ("batch", R7, ["optim.train_batch_size=63"], "optim.train_batch_size 63 is not a multiple"),
     ("no-account", R32, ["launch.account=null"], "launch.executor=slurm needs launch.account"),
 ]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spark_megatron.models.mapping import (ColumnParallelMapping, GatedMLPMapping, MappingError, MappingRegistry,
-                                           QKVMapping, ReplicatedMapping, RowParallelMapping, VocabParallelMapping)
+                                           PaddedGatedMLPMapping, PaddedRowParallelMapping, QKVMapping,
+                                           ReplicatedMapping, RowParallelMapping, VocabParallelMapping, padded_size)
 
 pytestmark = pytest.mark.unit
 
@@ -165,6 +166,61 @@ def test_gated_mlp_shape_mismatch_names_the_tensors():
     m = GatedMLPMapping("decoder.layers.*.mlp.linear_fc1.weight", ("g", "u"))
     with pytest.raises(MappingError, match=r"gate \(8, 4\) and up \(6, 4\) differ"):
         m.hf_to_full([torch.zeros(8, 4), torch.zeros(6, 4)])
+
+
+# ------------------------------------------------------------------------------------- zero-padded widths
+
+def test_padded_size_gives_aligned_shards_and_one_width_across_usual_tp():
+    assert [padded_size(3420, tp, 16, 128) for tp in (1, 2, 4, 8)] == [3456] * 4  # 3420 -> 27 x 128
+    assert padded_size(3420, 16, 16, 128) == 3584 and padded_size(3420, 3, 16, 128) == 3456  # lcm 256 / 384
+    assert padded_size(3456, 8, 16, 128) == 3456 and padded_size(7, 2) == 8 and padded_size(8, 2) == 8
+    for tp in (1, 2, 3, 4, 8, 16):
+        assert padded_size(3420, tp, 16, 128) // tp % 16 == 0
+
+
+PAD = dict(size=5, shard_multiple=2, multiple=4)
+"""HF width 5 -> 8 at TP 1, 2, 4 (shards of 8, 4, 2 units)."""
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_padded_gated_mlp_pads_gate_and_up_with_zeros_and_strips_on_export(tp, bias):
+    m = PaddedGatedMLPMapping("v.mlp.linear_fc1.weight", ("g", "u"), **PAD)
+    gate, up = _rows(range(100, 105)), _rows(range(200, 205))
+    if bias:
+        gate, up = gate[:, 0], up[:, 0]
+    zeros = torch.zeros((3,) + tuple(gate.shape[1:]), dtype=gate.dtype)
+    full = m.hf_to_full([gate, up])
+    assert torch.equal(full, torch.cat([gate, zeros, up, zeros]))  # each half padded at its end
+    per = 8 // tp
+    for r in range(tp):  # shard r = [gate units r*per.. ; up units r*per..] of the padded halves
+        want = torch.cat([full[r * per:(r + 1) * per], full[8 + r * per:8 + (r + 1) * per]])
+        assert torch.equal(m.hf_to_shard([gate, up], r, tp), want)
+    _assert_round_trip(m, [gate, up], tp)
+    exported = m.full_to_hf(m.gather_shards([m.hf_to_shard([gate, up], r, tp) for r in range(tp)]))
+    assert all(torch.equal(a, b) for a, b in zip(exported, [gate, up]))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_padded_row_parallel_pads_input_columns_with_zeros_and_strips_on_export(tp):
+    m = PaddedRowParallelMapping("v.mlp.linear_fc2.weight", ("d",), **PAD)
+    w = torch.arange(3 * 5, dtype=torch.float32).reshape(3, 5) + 1
+    full = m.hf_to_full([w])
+    assert torch.equal(full, torch.cat([w, torch.zeros(3, 3)], dim=1))
+    per = 8 // tp
+    for r in range(tp):
+        assert torch.equal(m.hf_to_shard([w], r, tp), full[:, r * per:(r + 1) * per])
+    _assert_round_trip(m, [w], tp)
+    # a gathered tensor from a TP whose padding differs is re-fitted, not mis-split (here: 16 units at TP 8)
+    wide = torch.cat([w, torch.zeros(3, 11)], dim=1)
+    assert torch.equal(m.shard(wide, 0, 2), full[:, :4]) and torch.equal(m.full_to_hf(wide)[0], w)
+
+
+def test_padded_mappings_reject_a_width_that_is_not_the_hf_width():
+    with pytest.raises(MappingError, match="g: expected 5 rows, got 6"):
+        PaddedGatedMLPMapping("x", ("g", "u"), **PAD).hf_to_full([torch.zeros(6, 2), torch.zeros(6, 2)])
+    with pytest.raises(MappingError, match="d: expected 5 columns, got 8"):
+        PaddedRowParallelMapping("x", ("d",), **PAD).hf_to_full([torch.zeros(3, 8)])
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -36,20 +36,26 @@ def test_total_params_equal_hf_model(name):
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg))
     arch = ModelArchitecture.from_path(path)
     assert total_params(arch) == sum(p.numel() for p in model.parameters())
-    if arch.vision is not None:
+    if arch.vision is not None:  # Megatron's tower = HF's plus the zero padding of the MLP width (3420 -> 3456)
         vision = [e for e in rank_params(arch, 1, 1, 0) if e.name.startswith("vision_model.")]
-        assert sum(e.numel for e in vision) == sum(p.numel() for p in model.model.visual.parameters())
+        assert sum(e.numel - e.padding for e in vision) == sum(p.numel() for p in model.model.visual.parameters())
+        v = arch.vision
+        assert sum(e.padding for e in vision) == v.depth * (3 * v.hidden_size + 2) * (3456 - 3420)
 
 
-def test_pipeline_stages_partition_the_model():
-    """Untied 32B at TP4 x PP4: the stages' unsharded tensors add up to the (vocab-padded) model, once each."""
+@pytest.mark.parametrize("tp,pp", [(8, 2), (4, 4)])
+def test_pipeline_stages_partition_the_model(tp, pp):
+    """Untied 32B at the recipe's TP8 x PP2 (and TP4 x PP4): the stages' unsharded tensors add up to the padded
+    model, once each; the vision MLP width 3420 is padded to 3456 at both TPs (432 / 864 units per shard)."""
     arch = ModelArchitecture.from_path(ROOT / "configs" / "models" / "qwen2_5_vl_32b_instruct.json")
     names, full = [], 0
-    for p in range(4):
-        entries = rank_params(arch, 4, 4, p)
+    for p in range(pp):
+        entries = rank_params(arch, tp, pp, p)
         full += sum(e.full_numel for e in entries)
-        assert all(e.numel * 4 == e.full_numel or e.numel == e.full_numel for e in entries)
+        assert all(e.numel * tp == e.full_numel or e.numel == e.full_numel for e in entries)
         names += [e.name for e in entries]
+        fc2 = [e for e in entries if e.name.endswith("vision_model.decoder.layers.0.mlp.linear_fc2.weight")]
+        assert not fc2 or fc2[0].numel == arch.vision.hidden_size * 3456 // tp
     assert full == total_params(arch, include_padding=True)
     assert sum("output_layer" in n for n in names) == 1 and sum("word_embeddings" in n for n in names) == 1
 

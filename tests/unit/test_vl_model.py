@@ -76,6 +76,45 @@ def test_vision_qkv_mapping_roundtrip_and_shards():
     assert torch.equal(full[:16], w[:16]) and torch.equal(full[16:32], w[64:80]) and torch.equal(full[32:48], w[128:144])
 
 
+def _vl32b_config(**vision_changes) -> dict:
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "configs/models/qwen2_5_vl_32b_instruct.json")
+                     .read_text())
+    cfg["vision_config"].update(vision_changes)
+    return cfg
+
+
+def test_layout_check_accepts_tp8_for_the_3420_vision_mlp_but_still_needs_vision_heads_to_divide():
+    from spark_megatron.models.qwen2 import ModelSpecError
+    from spark_megatron.models.qwen2_5_vl import VLModelShape, check_vl_layout
+
+    shape = VLModelShape.from_hf_dict(_vl32b_config())
+    assert shape.vision.intermediate_size == 3420
+    check_vl_layout(shape, 8, 2)  # 3420 % 8 != 0: padded, no longer rejected
+    assert [shape.vision.ffn_size(tp) for tp in (1, 2, 4, 8)] == [3456] * 4
+    with pytest.raises(ModelSpecError, match="TP 8 does not divide vision num_heads 12"):
+        check_vl_layout(VLModelShape.from_hf_dict(_vl32b_config(num_heads=12)), 8, 2)
+
+
+def test_vision_mlp_mappings_pad_to_the_model_width_and_export_hf_shapes():
+    from spark_megatron.models.qwen2_5_vl import VLModelShape
+    from spark_megatron.models.qwen2_5_vl_mapping import qwen2_5_vl_mappings
+
+    shape = VLModelShape.from_hf_dict(_vl32b_config(depth=1))
+    reg = qwen2_5_vl_mappings(shape)
+    fc1, _ = reg.for_megatron("vision_model.decoder.layers.0.mlp.linear_fc1.weight")
+    fc2, _ = reg.for_megatron("vision_model.decoder.layers.0.mlp.linear_fc2.weight")
+    gate, up, down = torch.randn(3420, 8), torch.randn(3420, 8), torch.randn(8, 3420)
+    shard = fc1.hf_to_shard([gate, up], 7, 8)  # the last TP-8 rank: 432 units, the last 36 of them padding
+    assert shard.shape == (2 * 432, 8) and not shard[:396].eq(0).all() and shard[396:432].eq(0).all()
+    assert fc2.hf_to_shard([down], 7, 8).shape == (8, 432) and fc2.hf_to_shard([down], 7, 8)[:, 396:].eq(0).all()
+    full = fc1.gather_shards([fc1.hf_to_shard([gate, up], r, 8) for r in range(8)])  # as the sync manifest sees it
+    assert [tuple(t.shape) for t in fc1.full_to_hf(full.to("meta"))] == [(3420, 8), (3420, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(fc1.full_to_hf(full), [gate, up]))
+
+
 class _Tower(torch.nn.Module):
     """Stand-in encoder (linear per patch, 4 patches -> 1 token) that counts its inputs."""
 
