@@ -44,6 +44,7 @@ class RunState:
             self.roles.policy_version = extra["policy_version"]
             random.setstate(_tuplify(extra["py_random"]))
             self.resumed = True
+            self._load_reference()
         elif self.cfg.checkpoint.resume and self.is_driver:
             print(f"[resume] no complete checkpoint under {self.ckpt_root}; starting fresh")
         self.logger = MetricsLogger(self.cfg.logging, self.cfg.output_dir, enabled=self.is_driver,
@@ -80,6 +81,23 @@ class RunState:
         stats = supervised_warmup(self.cfg, self.roles, self.prompts, sequences, self.is_driver)
         if self.is_driver:
             print(f"[warm-up] {self.cfg.warmup_sft_steps} supervised steps, final loss {stats['loss']:.4f}")
+        from spark_megatron.checkpoint.train_state import save_model_snapshot
+
+        save_model_snapshot(self.roles.actor, self.warmup_model)
+        self._load_reference()
+
+    @property
+    def warmup_model(self) -> Path:
+        return Path(self.cfg.output_dir) / "warmup_model"  # beside checkpoints/: never pruned or resumed from
+
+    def _load_reference(self) -> None:
+        """RL starts from the warmed-up model, so the KL reference is that model (not the random init); a
+        resumed run reloads it from the snapshot written after the warm-up."""
+        if self.roles.reference is None or not self.warmup_model.is_dir():
+            return
+        from spark_megatron.checkpoint.megatron_format import load_megatron_checkpoint
+
+        load_megatron_checkpoint(self.roles.reference.model_chunks[0], self.warmup_model)
 
     def progress(self, step: int, row: dict) -> None:
         if not (self.is_driver and self.cfg.logging.progress):

@@ -144,6 +144,16 @@ def _train_meta(actor, extra_state: dict, rng: bool) -> CheckpointMeta:
         step=int(step) if isinstance(step, int) else None, extra={"train_state": train_state})
 
 
+def save_model_snapshot(actor, out_dir) -> Path:
+    """Model-only checkpoint of the actor's current weights (every rank calls), e.g. the warmed-up model that
+    starts RL and serves as the frozen KL reference; loads with load_megatron_checkpoint at any layout."""
+    from spark_megatron.checkpoint.megatron_format import save_megatron_checkpoint
+
+    meta = _train_meta(actor, {}, rng=False)
+    meta.extra = {}
+    return save_megatron_checkpoint(actor.model_chunks[0], out_dir, meta, force=True)
+
+
 def save_train_state(actor, ckpt_dir, extra_state: dict, rng: bool = True,
                      keep_last: Optional[int] = None) -> Path:
     """Save everything needed to resume `actor` bit-exactly; every rank calls.

@@ -58,11 +58,16 @@ def _engine_matches_actor(trainer, probes) -> float:
 
 
 def loop_worker(rank, world, out_dir):
+    from spark_megatron.train.batching import SequenceSample
+
     trainer = _trainer(rank, _overrides(out_dir, tp=world))
     g = torch.Generator().manual_seed(0)
     probes = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (9, 14, 21)]
     params0 = [p.detach().clone() for p in trainer.roles.actor.model_chunks[0].parameters()]
-    steps = []
+    seqs = [SequenceSample(tokens=p, prompt_len=1) for p in probes]
+    ref_gap = max((a - r).abs().max().item() for a, r in zip(trainer.roles.actor.compute_logprobs(seqs),
+                                                                 trainer.roles.reference.compute_logprobs(seqs)))
+    steps = [{"reference_vs_warmed_up_actor": ref_gap}]
     for step, batch in trainer.state.batches():
         trainer.queue.start_epoch(batch.epoch)
         row = trainer.train_step(step, batch.prompts)
@@ -76,7 +81,9 @@ def loop_worker(rank, world, out_dir):
 
 @pytest.mark.distributed
 def test_spark_loop_tp2_engine_tracks_actor(tmp_path):
-    steps = run_on_ranks(loop_worker, 2, str(tmp_path / "run"), timeout_s=900, env=VLLM_ENV)[0]
+    first, *steps = run_on_ranks(loop_worker, 2, str(tmp_path / "run"), timeout_s=900, env=VLLM_ENV)[0]
+    # the KL reference is the model RL starts from (after the warm-up), not the random initialisation
+    assert first["reference_vs_warmed_up_actor"] <= 1e-6, first
     assert len(steps) == 3
     for s in steps:
         row = s["row"]
