@@ -10,10 +10,31 @@ _JUDGE_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
 
 
 class SequenceBuilder:
-    """Turns verified RolloutGroups into the actor's `SequenceSample`s."""
+    """Turns verified RolloutGroups into the actor's `SequenceSample`s.
 
-    def __init__(self, tokenizer, algo_cfg, rollout_cfg):
+    VL: `image_preprocessor` (spark_megatron.vision.ImagePreprocessor, configured from the checkpoint) prepares
+    each prompt's images once per `build` call; every rollout of the group, and any other prompt of the batch
+    showing the same file at the same pixel bounds, gets the same PreparedImage objects, so the actor's image
+    cache encodes them once. The rollout's prompt ids must hold each image's pads already expanded to the same
+    token count (the actor checks and names the sequence otherwise).
+    """
+
+    def __init__(self, tokenizer, algo_cfg, rollout_cfg, image_preprocessor=None):
         self.tokenizer, self.algo, self.rollout = tokenizer, algo_cfg, rollout_cfg
+        self.image_preprocessor = image_preprocessor
+
+    def prepared_images(self, prompt, memo: dict) -> list:
+        """The prompt's ImageRefs -> PreparedImages (None without images or without a preprocessor)."""
+        if not prompt.images or self.image_preprocessor is None:
+            return None
+        out = []
+        for ref in prompt.images:
+            key = (ref.path, ref.min_pixels, ref.max_pixels)
+            if key not in memo:
+                memo[key] = self.image_preprocessor.prepare(ref.path, min_pixels=ref.min_pixels,
+                                                            max_pixels=ref.max_pixels)
+            out.append(memo[key])
+        return out
 
     def advantages(self, groups: list) -> list:
         """One [n] advantage tensor per group (groups may differ in size when some rollouts failed)."""
@@ -27,8 +48,9 @@ class SequenceBuilder:
     def build(self, groups: list) -> list:
         from spark_megatron.train.batching import SequenceSample
 
-        seqs = []
+        seqs, memo = [], {}
         for g, adv in zip(groups, self.advantages(groups)):
+            images = self.prepared_images(g.prompt, memo)
             for r, a in zip(g.rollouts, adv.tolist()):
                 if not r.response_token_ids:
                     continue  # nothing to train on; the group statistics above still counted it
@@ -36,7 +58,8 @@ class SequenceBuilder:
                 seqs.append(SequenceSample(
                     tokens=list(r.prompt_token_ids) + list(r.response_token_ids),
                     prompt_len=len(r.prompt_token_ids), advantages=[a] * n,
-                    rollout_logprobs=list(r.logprobs) if r.logprobs else None, kind=g.prompt.kind.value))
+                    rollout_logprobs=list(r.logprobs) if r.logprobs else None, kind=g.prompt.kind.value,
+                    images=images))
         return seqs
 
     def sft(self, prompt_ids: list, response_ids: list, kind: str = "sft") -> "SequenceSample":

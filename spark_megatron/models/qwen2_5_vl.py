@@ -157,6 +157,14 @@ class Qwen25VLModel(torch.nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    # megatron's finalize_model_grads (PP > 1) reads these on the module that has `pre_process`, i.e. this one
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def embed(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
         """Word embeddings [s, b, h] with image-pad rows replaced by `image_embeds` [n, h] (batch-major order)."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)

@@ -130,20 +130,23 @@ def _exchange(channel: SyncChannel, msg: Optional[str]) -> Optional[str]:
 
 def _receive_buckets(channel: SyncChannel, sinks: list, plan: SyncPlan) -> tuple:
     """Receive and load buckets until the actor commits or aborts -> (aborted, failure message or None)."""
-    buf = BucketBuffer(plan, channel.device)
+    buf = BucketBuffer(plan, channel.device, role="engine")  # pooled: the next push reuses its pages
     failure = None
-    while True:
-        idx = channel.header(0, src=0)
-        if idx in (_ABORT, _COMMIT):
-            break
-        bucket = buf.bucket(plan.buckets[idx])
-        channel.broadcast(bucket.flat, src=0)
-        if failure is None:
-            try:
-                for s in sinks:
-                    s.push(bucket)
-            except WeightSyncError as e:  # keep receiving: the actor side is still sending
-                failure = str(e)
+    try:
+        while True:
+            idx = channel.header(0, src=0)
+            if idx in (_ABORT, _COMMIT):
+                break
+            bucket = buf.bucket(plan.buckets[idx])
+            channel.broadcast(bucket.flat, src=0)
+            if failure is None:
+                try:
+                    for s in sinks:
+                        s.push(bucket)
+                except WeightSyncError as e:  # keep receiving: the actor side is still sending
+                    failure = str(e)
+    finally:
+        buf.release()
     if idx == _ABORT:
         failure = f"actor aborted the push: {channel.recv_obj(src=0)}"
     if failure is not None:

@@ -40,10 +40,10 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
+        n = self.dtype.itemsize  # not torch.empty(()).element_size(): a tensor per call, in hot loops
         for d in self.shape:
             n *= int(d)
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
 
     @classmethod
     def of(cls, name: str, t: torch.Tensor) -> "TensorSpec":

@@ -10,8 +10,8 @@ Delivery for Megatron actors (`push_actor_weights`):
   gathers the full model; stages stream one bucket at a time.
 - "broadcast": each bucket is broadcast from its stage leader to every rank, and every rank that passes a sink
   loads it (colocated engines: one engine replica per rank, e.g. vLLM with external_launcher).
-TP shards are gathered per parameter inside `export_hf_weights`; the stream is full HF tensors, so the engine's
-TP size is independent of the actor's.
+TP shards are assembled into full HF tensors on each stage's leader (`sync.reshard`), so the engine's TP size is
+independent of the actor's.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Optional, Protocol, Sequence
 import torch
 
 from spark_megatron.sync.bucket import Bucket, BucketBuffer, LiveBytes
-from spark_megatron.sync.manifest import SyncPlan, TensorSpec, grouped_by_module, plan_buckets, stage_specs
+from spark_megatron.sync.manifest import SyncPlan, TensorSpec, grouped_by_module, plan_buckets
 from spark_megatron.sync.validation import WeightValidationError
 
 
@@ -234,163 +234,16 @@ def push_source(sinks: Sequence[WeightSink], weights, version: int, bucket_bytes
         for s in sinks:
             s.abort(f"push of version {version} failed: {e}")
         raise
+    finally:
+        stats.bucket_capacity = buf.capacity
+        buf.release()  # back to the pool for the next push
     for s in sinks:
         s.commit(version)
-    stats.bucket_capacity = buf.capacity
-    buf.release()
     stats.seconds = time.perf_counter() - t0
     stats.peak_tracked_bytes = tracker.peak if tracker is not None else 0
     return stats
 
 
 # ------------------------------------------------------------------------------------------ Megatron actors
-
-@dataclass(frozen=True)
-class _Producer:
-    leader: int
-    """Global rank that packs and sends this stream's buckets (TP rank 0, DP rank 0 of the stage)."""
-    pp_rank: int
-    chunk: int
-
-
-def actor_plan(model_chunks: Sequence, registry, bucket_bytes: int, tied: bool = False,
-               dtype: Optional[torch.dtype] = None) -> SyncPlan:
-    """The global plan of an actor push (all ranks call; metadata only, one all_gather_object)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    local = [stage_specs(c, registry, tied, dtype) for c in model_chunks]
-    me = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-          ps.get_data_parallel_rank(with_context_parallel=True), local)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, me)
-    leaders = sorted((e for e in everyone if e[1] == 0 and e[3] == 0), key=lambda e: e[2])
-    streams, sources = [], []
-    for rank, _tp, pp, _dp, chunks in leaders:
-        for c, specs in enumerate(chunks):
-            streams.append(specs)
-            sources.append(_Producer(rank, pp, c))
-    return plan_buckets(streams, bucket_bytes, sources)
-
-
-def _agree(error: Optional[str]) -> Optional[str]:
-    """All ranks learn the first error any rank saw (keeps every rank's control flow identical)."""
-    import torch.distributed as dist
-
-    errs = [None] * dist.get_world_size()
-    dist.all_gather_object(errs, error)
-    return next((e for e in errs if e), None)
-
-
-class _ActorPush:
-    """One rank's part of an actor push (see push_actor_weights)."""
-
-    def __init__(self, chunks, registry, plan, sink, tied, dtype, delivery, tracker):
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from spark_megatron.models.weights import export_hf_weights
-        from spark_megatron.parallel.cpu_compat import compute_device
-
-        self.rank, self.plan, self.sink, self.delivery, self.tracker = dist.get_rank(), plan, sink, delivery, tracker
-        self.pp = ps.get_pipeline_model_parallel_rank()
-        exporting = ps.get_data_parallel_rank(with_context_parallel=True) == 0  # one replica exports
-        self.streams = {c: export_hf_weights(m, registry, tied, dtype) for c, m in enumerate(chunks)} \
-            if exporting else {}
-        needs_buffer = sink is not None or delivery == "broadcast" or any(
-            p.leader == self.rank for p in plan.sources)
-        self.buf = BucketBuffer(plan, compute_device(), tracker) if needs_buffer else None
-        self.stats = PushStats(0, len(plan.buckets), plan.total_bytes, 0.0,
-                               bucket_capacity=self.buf.capacity if self.buf else 0)
-        self.failure: Optional[str] = None
-
-    def _produce(self, bucket: Optional[Bucket], bp, prod: _Producer) -> None:
-        stream = self.streams[prod.chunk]
-        if bucket is not None and self.rank == prod.leader:
-            _fill(bucket, stream, self.tracker)
-            return
-        for _ in bp.specs:  # TP peers of the leader iterate too: the export all-gathers inside the TP group
-            next(stream)
-
-    def _deliver(self, bucket: Optional[Bucket], prod: _Producer) -> None:
-        import torch.distributed as dist
-
-        if self.delivery == "broadcast":
-            dist.broadcast(bucket.flat, src=prod.leader)
-        elif prod.leader != 0 and self.rank == prod.leader:
-            dist.send(bucket.flat, dst=0)
-        elif prod.leader != 0 and self.rank == 0:
-            dist.recv(bucket.flat, src=prod.leader)
-
-    def run_bucket(self, bp) -> None:
-        prod: _Producer = self.plan.sources[bp.source]
-        bucket = self.buf.bucket(bp) if self.buf is not None else None
-        t0 = time.perf_counter()
-        if prod.pp_rank == self.pp and prod.chunk in self.streams:
-            self._produce(bucket, bp, prod)
-        t1 = time.perf_counter()
-        self._deliver(bucket, prod)
-        t2 = time.perf_counter()
-        if self.sink is not None and self.failure is None:
-            try:
-                self.sink.push(bucket)
-            except Exception as e:  # noqa: BLE001 - keep draining so every rank's transfers stay matched
-                self.failure = f"{type(e).__name__}: {e}"
-        self.stats.produce_s += t1 - t0
-        self.stats.deliver_s += t2 - t1
-        self.stats.sink_s += time.perf_counter() - t2
-
-    def check_exhausted(self) -> None:
-        for c, stream in self.streams.items():
-            if next(stream, None) is not None:
-                raise WeightSyncError(f"model chunk {c} exported more tensors than planned")
-
-
-def push_actor_weights(model_chunks: Sequence, registry, version: int, bucket_bytes: int,
-                       sink: Optional[WeightSink] = None, tied: bool = False, dtype: Optional[torch.dtype] = None,
-                       delivery: str = "to_rank0", tracker: Optional[LiveBytes] = None) -> PushStats:
-    """Stream the actor's weights (this rank's model chunks) into the sink(s); every rank must call.
-
-    `sink`: with delivery "to_rank0" only global rank 0 passes one; with "broadcast" each rank that holds an
-    engine passes its own. `dtype`: export dtype (the engine's). Raises WeightValidationError on every rank
-    when any sink rejects the plan (nothing written), WeightSyncError when loading failed midway.
-    """
-    import torch.distributed as dist
-
-    if delivery not in ("to_rank0", "broadcast"):
-        raise ValueError(f"delivery must be 'to_rank0' or 'broadcast', got '{delivery}'")
-    if delivery == "to_rank0" and sink is not None and dist.get_rank() != 0:
-        raise ValueError("delivery 'to_rank0': only global rank 0 may hold the sink")
-    t0 = time.perf_counter()
-    plan = actor_plan(model_chunks, registry, bucket_bytes, tied, dtype)
-    error = None
-    if sink is not None:
-        try:
-            sink.begin(plan, version)
-        except WeightValidationError as e:
-            error = str(e)
-    agreed = _agree(error)
-    if agreed:
-        if sink is not None and error is None:
-            sink.abort("another rank's engine rejected the update")  # began here; nothing written yet
-        raise WeightValidationError(agreed)
-    job = _ActorPush(model_chunks, registry, plan, sink, tied, dtype, delivery, tracker)
-    for bp in plan.buckets:
-        job.run_bucket(bp)
-    job.check_exhausted()
-    if sink is not None:
-        try:
-            if job.failure:
-                sink.abort(job.failure)
-            else:
-                sink.commit(version)
-        except Exception as e:  # noqa: BLE001
-            job.failure = job.failure or f"{type(e).__name__}: {e}"
-    failure = _agree(job.failure)
-    if failure:
-        raise WeightSyncError(f"weight push of version {version} failed: {failure}")
-    job.buf = None
-    job.stats.version = version
-    job.stats.seconds = time.perf_counter() - t0
-    job.stats.peak_tracked_bytes = tracker.peak if tracker is not None else 0
-    return job.stats
+# (in sync/actor.py; re-exported here, where callers have always imported them from)
+from spark_megatron.sync.actor import actor_plan, push_actor_weights  # noqa: E402,F401

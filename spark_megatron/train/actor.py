@@ -22,10 +22,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from spark_megatron.train import batching
+from spark_megatron.train import batching, vl_inputs
 from spark_megatron.train.batching import SequenceSample
 from spark_megatron.train.logprobs import vocab_parallel_logprobs
 from spark_megatron.train.schedule import run_schedule
+from spark_megatron.train.vl_inputs import image_scoped
 
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], dict], tuple]
 """(logprobs [b, s], entropy [b, s] or None, mb_extras {name: tensor}) -> (loss 0-d, {metric: 0-d tensor})."""
@@ -46,11 +47,13 @@ def _device() -> torch.device:
 class _LogprobRunner:
     """Builds this rank's pipeline stage from an HF (or Megatron) checkpoint and scores sequences with it.
 
-    Shared by Actor (trainable, DDP-wrapped) and ReferenceModel (frozen).
+    Shared by Actor (trainable, DDP-wrapped) and ReferenceModel (frozen). The family (text Qwen2 or
+    Qwen2.5-VL) comes from the checkpoint's config; for VL models `vl_inputs` adds images and mRoPE ids to
+    the micro-batches and `cache_images` encodes each distinct image once per pass (see vl_inputs).
     """
 
     def __init__(self, model_cfg, parallel_cfg, hf_dir: Optional[str] = None, micro_batch_size: int = 1,
-                 logit_temperature: float = 1.0):
+                 logit_temperature: float = 1.0, cache_images: bool = True):
         from spark_megatron.models.families import family_for_config, load_family, read_hf_config
 
         ps = _ps()
@@ -79,7 +82,14 @@ class _LogprobRunner:
         self._stage = self.family.build_stage(self.shape, model_cfg.params_dtype, **self._build_kwargs())
         self._load_weights(megatron_path)
         self.vocab_size = self.shape.vocab_size
-        self.max_len = getattr(self.shape, "max_position_embeddings", None)
+        self.max_len = getattr(getattr(self.shape, "text", self.shape), "max_position_embeddings", None)
+        self.vision_frozen = vl_inputs.freeze_vision(self._stage, getattr(model_cfg, "freeze_vision", False))
+        self.vl = vl_inputs.VLInputs.for_stage(self._stage, self.shape)
+        """None for text models."""
+        from spark_megatron.vision.cache import ImageEmbeddingCache
+
+        self.image_cache = ImageEmbeddingCache() if self.vl is not None and cache_images else None
+        self._image_scope = vl_inputs.ImageCacheScope(self.image_cache)
 
     # ------------------------------------------------------------------------------------------ building
     @staticmethod
@@ -126,6 +136,13 @@ class _LogprobRunner:
         """The modules the schedules run (wrapped for training in the Actor)."""
         return [self._stage]
 
+    def _validate(self, seqs: Sequence[SequenceSample]) -> None:
+        batching.validate(seqs, self.max_len)
+        if self.vl is None:
+            vl_inputs.check_text_only(seqs)
+        else:
+            self.vl.check(seqs)
+
     # ------------------------------------------------------------------------------------------ scoring
     def compute_logprobs(self, seqs: Sequence[SequenceSample]) -> list:
         """Logprob of every response token under the current weights: one fp32 CPU tensor of length
@@ -155,15 +172,21 @@ class _LogprobRunner:
 
         if pp == 1 or single_call:
             mbs = plan(ordered, uniform=pp > 1)
-            return [mbs] if mbs else []
-        per_call = 4 * pp * micro_batch_size
-        buckets = [plan(ordered[i:i + per_call], uniform=True) for i in range(0, len(ordered), per_call)]
-        return buckets or ([plan([], uniform=True)] if min_microbatches else [])
+            buckets = [mbs] if mbs else []
+        else:
+            per_call = 4 * pp * micro_batch_size
+            buckets = [plan(ordered[i:i + per_call], uniform=True) for i in range(0, len(ordered), per_call)]
+            buckets = buckets or ([plan([], uniform=True)] if min_microbatches else [])
+        if self.vl is not None:
+            for bucket in buckets:
+                self.vl.attach(bucket, seqs, self.image_cache)
+        return buckets
 
+    @image_scoped
     @torch.no_grad()
     def _score(self, seqs: Sequence[SequenceSample], with_entropy: bool) -> tuple:
         ps = _ps()
-        batching.validate(seqs, self.max_len)
+        self._validate(seqs)
         mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size())
         vocab, temp = self.vocab_size, self.logit_temperature
@@ -217,18 +240,20 @@ class Actor(_LogprobRunner):
     Build on every rank after `init_distributed(tp, pp)`:
         Actor(model_cfg, parallel_cfg, optim_cfg, hf_dir, total_steps)
     `total_steps` = optimizer steps of the whole run (sets warmup = round(warmup_ratio x total) and the cosine
-    end). Layout: TP x PP from the parallel state, DP = world / (TP x PP).
+    end). Layout: TP x PP from the parallel state, DP = world / (TP x PP). VL checkpoints: `model.freeze_vision`
+    keeps the vision tower out of DDP and the optimizer (bit-identical across steps).
     """
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, hf_dir: Optional[str] = None, total_steps: int = 1,
                  logprob_micro_batch_size: Optional[int] = None, logit_temperature: float = 1.0,
-                 overlap_grad_reduce: bool = False):
+                 overlap_grad_reduce: bool = False, cache_images: bool = True):
         super().__init__(model_cfg, parallel_cfg, hf_dir, logprob_micro_batch_size or optim_cfg.micro_batch_size,
-                         logit_temperature)
+                         logit_temperature, cache_images)
         from spark_megatron.train.optimizer import build_optimizer, build_scheduler, lr_schedule
 
         self.optim_cfg = optim_cfg
         self.total_steps = int(total_steps)
+        vl_inputs.check_overlap(self.vl, getattr(model_cfg, "freeze_vision", False), overlap_grad_reduce)
         self._overlap = bool(overlap_grad_reduce)
         self._defer_finalize = False
         self.schedule = lr_schedule(optim_cfg, self.total_steps)
@@ -272,6 +297,7 @@ class Actor(_LogprobRunner):
         return self._ddp
 
     # ------------------------------------------------------------------------------------------ training
+    @image_scoped
     def train_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
         """One RL update over `seqs`: mini-batches of optim.train_batch_size sequences, one optimizer step each.
 
@@ -281,7 +307,7 @@ class Actor(_LogprobRunner):
         `skipped` (count) and `optimizer_steps`. The caller's SequenceSample objects are not modified.
         """
         seqs = list(seqs)
-        batching.validate(seqs, self.max_len)
+        self._validate(seqs)
         minis = batching.split_minibatches(len(seqs), self.optim_cfg.train_batch_size)
         if len(minis) > 1 and any(s.old_logprobs is None for s in seqs):
             missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
@@ -290,6 +316,7 @@ class Actor(_LogprobRunner):
         per_step = [self.optimizer_step([seqs[i] for i in m], loss_fn, with_entropy) for m in minis]
         return merge_step_metrics(per_step)
 
+    @image_scoped
     def optimizer_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
         """Forward/backward over all micro-batches of one mini-batch, then one (possibly skipped) Adam step.
 
@@ -304,7 +331,7 @@ class Actor(_LogprobRunner):
 
         ps = _ps()
         seqs = list(seqs)
-        batching.validate(seqs, self.max_len)
+        self._validate(seqs)
         fields = batching.present_fields(seqs)
         mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size())
@@ -328,6 +355,8 @@ class Actor(_LogprobRunner):
         result = step_optimizer(self.optimizer, self.optim_cfg.clip_grad)
         if result.updated:
             self.scheduler.step(1)
+            if not self.vision_frozen:
+                self._image_scope.weights_changed()  # features stored under the old tower weights are stale
         self.steps_done += 1
         metrics = reduce_loss_metrics(outs)
         metrics.update(grad_norm=result.grad_norm, lr=lr, skipped=0.0 if result.updated else 1.0,

@@ -46,6 +46,11 @@ class SequenceSample:
     """Per-response-token logprobs reported by the rollout engine (truncated importance sampling)."""
     kind: str = "policy"
     """Task kind (policy / pointwise / pairwise / reflection ...), used for per-kind metrics."""
+    images: Optional[list] = None
+    """VL models: the prompt's prepared images (`spark_megatron.vision.PreparedImage`: pixel patches, grid_thw,
+    key), in the order of their <|image_pad|> runs in `tokens` (each run already expanded to the image's
+    token count). None or [] = text only. Sequences of one group may share the same objects: the actor's
+    image cache encodes each distinct `key` once per pass."""
 
     @property
     def response_len(self) -> int:

@@ -18,8 +18,8 @@ class ReferenceModel(_LogprobRunner):
     """
 
     def __init__(self, model_cfg, parallel_cfg, hf_dir: Optional[str] = None, micro_batch_size: int = 1,
-                 offload: bool = False, logit_temperature: float = 1.0):
-        super().__init__(model_cfg, parallel_cfg, hf_dir, micro_batch_size, logit_temperature)
+                 offload: bool = False, logit_temperature: float = 1.0, cache_images: bool = True):
+        super().__init__(model_cfg, parallel_cfg, hf_dir, micro_batch_size, logit_temperature, cache_images)
         self._stage.eval()
         for p in self._stage.parameters():
             p.requires_grad_(False)

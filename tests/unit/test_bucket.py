@@ -268,3 +268,108 @@ def test_push_holds_one_bucket_not_a_model_copy():
           f"{steady / 2**20:.1f} MiB")
     assert first < total / 4, f"first push: peak extra RSS {first / 2**20:.1f} MiB"
     assert steady <= bucket_bytes + largest + (2 << 20), f"steady push: peak extra RSS {steady / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------ reshard layouts
+
+def _mappings() -> list:
+    """One of every mapping kind, at sizes where TP 1/2/4 split whole heads / rows / columns."""
+    from spark_megatron.models import mapping as m
+
+    out = [m.ReplicatedMapping("n.weight", ("hn.weight",)),
+           m.ColumnParallelMapping("c.weight", ("hc.weight",)),
+           m.RowParallelMapping("r.weight", ("hr.weight",)),
+           m.VocabParallelMapping("e.weight", ("he.weight",), vocab_size=30, padded_vocab_size=32),
+           m.QKVMapping("qkv.weight", ("q.weight", "k.weight", "v.weight"), num_heads=8, num_kv_heads=4,
+                        head_dim=2),
+           m.QKVMapping("qkv.bias", ("q.bias", "k.bias", "v.bias"), num_heads=8, num_kv_heads=4, head_dim=2),
+           m.GatedMLPMapping("fc1.weight", ("g.weight", "u.weight"))]
+    if hasattr(m, "PaddedGatedMLPMapping"):  # the vision MLP's zero-padded widths, where the family has them
+        out += [m.PaddedGatedMLPMapping("pfc1.weight", ("pg.weight", "pu.weight"), size=6, shard_multiple=4),
+                m.PaddedRowParallelMapping("pfc2.weight", ("pd.weight",), size=6, shard_multiple=4)]
+    return out
+
+
+_HF_SHAPES = {"hn.weight": [(6,)], "hc.weight": [(8, 6)], "hr.weight": [(6, 8)], "he.weight": [(30, 6)],
+              "q.weight": [(16, 6), (8, 6), (8, 6)], "q.bias": [(16,), (8,), (8,)], "g.weight": [(8, 6), (8, 6)],
+              "pg.weight": [(6, 5), (6, 5)], "pd.weight": [(5, 6)]}
+"""Random HF tensors per mapping of `_mappings`, keyed by its first HF name."""
+
+
+def _hf_tensors(mapping) -> list:
+    return [torch.randn(shape) for shape in _HF_SHAPES[mapping.hf[0]]]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("mapping", _mappings(), ids=lambda m: type(m).__name__ + ":" + m.megatron)
+def test_derived_layout_rebuilds_every_hf_tensor_exactly(mapping, tp):
+    """The layout probed from the mapping, applied to real shards, gives exactly the mapping's own
+    gather_shards + full_to_hf result, for every HF output and TP size."""
+    from spark_megatron.sync.reshard import HFJob, derive_layout, hf_shapes, layout_fits
+
+    hf = _hf_tensors(mapping)
+    shards = [mapping.hf_to_shard(hf, r, tp) for r in range(tp)]
+    want = mapping.full_to_hf(mapping.gather_shards(shards) if mapping.tp_dim is not None else shards[0])
+    shape = tuple(shards[0].shape)
+    layout = derive_layout(mapping, shape, tp)
+    assert layout_fits(layout, shape, hf_shapes(mapping, shape, tp)), layout
+    for out, expect in enumerate(want):
+        got = torch.full(tuple(expect.shape), float("nan"))
+        for seg in layout[out].segments:
+            job = HFJob(TensorSpec("x", tuple(expect.shape), torch.float32), shards[seg.rank], mapping, 0, out,
+                        True, layout[out])
+            job.copy_runs(seg, got.narrow(layout[out].dim, seg.dst, seg.length))
+        assert torch.equal(got, expect), (out, got, expect)
+
+
+def test_layout_of_a_mapping_that_is_not_a_slice_permutation_is_none():
+    """Arithmetic, zero fill or data moved across the other dims cannot be expressed as segments: the push
+    falls back to gather + mapping for such parameters."""
+    from dataclasses import dataclass
+
+    from spark_megatron.models.mapping import ColumnParallelMapping, RowParallelMapping
+    from spark_megatron.sync.reshard import derive_layout
+
+    @dataclass(frozen=True)
+    class PlusOne(ColumnParallelMapping):
+        def full_to_hf(self, full):
+            return [full + 1]
+
+    @dataclass(frozen=True)
+    class Flipped(ColumnParallelMapping):
+        def full_to_hf(self, full):
+            return [full.flip(1)]
+
+    @dataclass(frozen=True)
+    class ZeroPadded(RowParallelMapping):
+        def full_to_hf(self, full):
+            return [torch.cat([full, full.new_zeros(full.shape[0], 2)], dim=1)]
+
+    for mapping in (PlusOne("a", ("b",)), Flipped("a", ("b",)), ZeroPadded("a", ("b",))):
+        assert derive_layout(mapping, (4, 6), 2) is None, mapping
+
+
+def test_bucket_buffers_are_reused_across_pushes_and_released():
+    """The second push of the same plan writes into the same pages as the first (no fresh allocation to fault
+    in); the tracker counts the buffer only while a push holds it."""
+    from spark_megatron.sync import POOL, EngineSink, LiveBytes, release_buffers
+
+    pairs = _tensors(_model_specs())
+    eng = RecordingEngine(pairs)
+    ptrs = []
+    real_load = eng.load_bucket
+
+    def load(named):
+        ptrs.append(named[0][1].data_ptr())
+        real_load(named)
+
+    eng.load_bucket = load
+    for version in (1, 2):
+        tracker = LiveBytes()
+        stats = push_source([EngineSink(eng)], pairs, version=version, bucket_bytes=3000, tracker=tracker)
+        assert tracker.live == 0 and tracker.peak >= stats.bucket_capacity
+    half = len(ptrs) // 2
+    assert ptrs[:half] == ptrs[half:]
+    assert POOL.held_bytes() >= stats.bucket_capacity
+    release_buffers()
+    assert POOL.held_bytes() == 0
