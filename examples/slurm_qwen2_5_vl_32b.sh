@@ -24,4 +24,4 @@ echo "[launch] slurm ${mode:-(submitting)}"
 "$PY" -m spark_megatron.launch.cli launch --config "$RECIPE" --executor slurm $mode \
     --model-config configs/models/qwen2_5_vl_32b_instruct.json \
     launch.account="$ACCOUNT" launch.partition="$PARTITION" launch.container_image="$CONTAINER" \
-    "launch.container_mounts=[$MOUNTS]" model.hf_path="$MODEL" "data.train_files=[$DATA]" output_dir="$OUTPUT" "$@"
+    "launch.container_mounts=['$MOUNTS']" model.hf_path="$MODEL" "data.train_files=['$DATA']" output_dir="$OUTPUT" "$@"

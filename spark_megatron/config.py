@@ -295,7 +295,10 @@ def _coerce(value: Any, tp, key: str):
     if origin in (list, dict) or tp in (list, dict):
         want = origin or tp
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"config key '{key}' expects a {want.__name__}, got unparseable {value!r}") from None
         if not isinstance(value, want):
             raise ConfigError(f"config key '{key}' expects a {want.__name__}, got {value!r}")
         return value
@@ -338,7 +341,14 @@ def parse_overrides(items: list) -> list:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         k, v = item.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+        try:
+            value = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"override '{item}': value is not valid YAML{at} ({getattr(e, 'problem', e)}); "
+                              f"quote strings with special characters, e.g. {k.strip()}=['a?b=1']") from None
+        out.append((k.strip(), value))
     return out
 
 

@@ -72,7 +72,8 @@ class SparkTrainer:
         self.recycler = RecycleBuilder(rc, seed=cfg.seed)
         self.queue = RecycleQueue(max_size=rc.queue_max_size)
         self.scheduler = RecycleScheduler(rc, cfg.data.prompts_per_step)
-        self.sequences = SequenceBuilder(self.roles.tokenizer, cfg.algorithm, cfg.rollout)
+        self.sequences = SequenceBuilder(self.roles.tokenizer, cfg.algorithm, cfg.rollout,
+                                         image_preprocessor=self.roles.image_preprocessor())
         self.state = RunState(cfg, self.roles, self.queue, self.is_driver)
         self.tokens = TokenCounter()
 

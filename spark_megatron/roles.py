@@ -47,6 +47,15 @@ class Roles:
 
         return ChatRenderer(self.tokenizer, self.cfg.rollout.max_prompt_tokens).render(prompt).token_ids
 
+    def image_preprocessor(self):
+        """VL actors: the checkpoint's image preprocessing (the same pixels and token counts the engine used);
+        None for text models."""
+        if getattr(self.actor, "vl", None) is None:
+            return None
+        from spark_megatron.vision import ImagePreprocessor
+
+        return ImagePreprocessor(self.actor.hf_dir or getattr(self.actor.model_cfg, "megatron_path", None))
+
     def fill_logprobs(self, seqs: list) -> None:
         """Reference logprobs for the KL term; the actor computes behaviour (old) logprobs itself when a batch
         spans several optimizer steps, and skips them (ratio exactly 1) when it is one step."""

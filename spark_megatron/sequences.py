@@ -22,6 +22,7 @@ class SequenceBuilder:
     def __init__(self, tokenizer, algo_cfg, rollout_cfg, image_preprocessor=None):
         self.tokenizer, self.algo, self.rollout = tokenizer, algo_cfg, rollout_cfg
         self.image_preprocessor = image_preprocessor
+        self._vision_ids = None
 
     def prepared_images(self, prompt, memo: dict) -> list:
         """The prompt's ImageRefs -> PreparedImages (None without images or without a preprocessor)."""
@@ -35,6 +36,20 @@ class SequenceBuilder:
                                                             max_pixels=ref.max_pixels)
             out.append(memo[key])
         return out
+
+    def _trainable_response(self, rollout) -> tuple:
+        """(response ids, rollout logprobs or None). VL models: a response is cut before the first vision
+        placeholder token (engines suppress them; an engine that does not would otherwise make the actor embed
+        an image inside the response)."""
+        ids, lps = list(rollout.response_token_ids), list(rollout.logprobs) if rollout.logprobs else None
+        if self.image_preprocessor is not None:
+            if self._vision_ids is None:
+                from spark_megatron.rollout.engine import vision_token_ids
+
+                self._vision_ids = set(vision_token_ids(self.tokenizer)) if self.tokenizer is not None else set()
+            cut = next((i for i, t in enumerate(ids) if t in self._vision_ids), len(ids))
+            ids, lps = ids[:cut], (lps[:cut] if lps is not None else None)
+        return ids, lps
 
     def advantages(self, groups: list) -> list:
         """One [n] advantage tensor per group (groups may differ in size when some rollouts failed)."""
@@ -52,22 +67,28 @@ class SequenceBuilder:
         for g, adv in zip(groups, self.advantages(groups)):
             images = self.prepared_images(g.prompt, memo)
             for r, a in zip(g.rollouts, adv.tolist()):
-                if not r.response_token_ids:
+                response, logprobs = self._trainable_response(r)
+                if not response:
                     continue  # nothing to train on; the group statistics above still counted it
-                n = len(r.response_token_ids)
                 seqs.append(SequenceSample(
-                    tokens=list(r.prompt_token_ids) + list(r.response_token_ids),
-                    prompt_len=len(r.prompt_token_ids), advantages=[a] * n,
-                    rollout_logprobs=list(r.logprobs) if r.logprobs else None, kind=g.prompt.kind.value,
+                    tokens=list(r.prompt_token_ids) + response, prompt_len=len(r.prompt_token_ids),
+                    advantages=[a] * len(response), rollout_logprobs=logprobs, kind=g.prompt.kind.value,
                     images=images))
         return seqs
 
-    def sft(self, prompt_ids: list, response_ids: list, kind: str = "sft") -> "SequenceSample":
-        """A supervised sequence for the warm-up: advantage 1 on every response token."""
+    def sft(self, prompt_ids: list, response_ids: list, kind: str = "sft", prompt=None) -> "SequenceSample":
+        """A supervised sequence for the warm-up: advantage 1 on every response token. With `prompt` (VL), its
+        images are prepared and the chat template's single <|image_pad|> per image is expanded to the image's
+        token count, as a rollout engine's prompt ids are."""
         from spark_megatron.train.batching import SequenceSample
+        from spark_megatron.vision import expand_image_pads
 
+        images = self.prepared_images(prompt, {}) if prompt is not None else None
+        if images:
+            pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+            prompt_ids = expand_image_pads(list(prompt_ids), images, pad, record=f"prompt '{prompt.uid}'")
         return SequenceSample(tokens=list(prompt_ids) + list(response_ids), prompt_len=len(prompt_ids),
-                              advantages=[1.0] * len(response_ids), kind=kind)
+                              advantages=[1.0] * len(response_ids), kind=kind, images=images)
 
 
 def _mean(xs):

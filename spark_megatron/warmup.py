@@ -68,7 +68,7 @@ def supervised_warmup(cfg, roles, prompts: list, sequences, is_driver: bool) -> 
         for prompt, target in warmup_examples(prompts, cfg, step, cfg.data.prompts_per_step, rng):
             p_ids = roles.render_prompt(prompt)
             r_ids = tok(target, add_special_tokens=False).input_ids + [eos]
-            seqs.append(sequences.sft(p_ids, r_ids, kind=TaskKind(prompt.kind).value))
+            seqs.append(sequences.sft(p_ids, r_ids, kind=TaskKind(prompt.kind).value, prompt=prompt))
         out = roles.actor.train_step(seqs, nll_token_mean)
         stats["loss"] = float(out.get("loss", float("nan")))
         bar.set_postfix(loss=f"{stats['loss']:.3f}")

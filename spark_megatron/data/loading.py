@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from spark_megatron.data import synthetic
+from spark_megatron.data import synthetic, synthetic_vision
 from spark_megatron.data.records import DataError, ImageDefaults, RecordError, parse_record
 from spark_megatron.data.sources import iter_records, resolve_source
 
@@ -61,8 +61,10 @@ class LoadedPrompts:
 
 def _load_source(spec: str, on_bad_record: str, defaults: ImageDefaults, out: list) -> SourceReport:
     report = SourceReport(spec)
-    if spec.startswith(synthetic.PREFIX):
-        prompts = synthetic.arith_prompts(spec)
+    makers = {synthetic.PREFIX: synthetic.arith_prompts, synthetic_vision.PREFIX: synthetic_vision.shapes_prompts}
+    maker = next((f for prefix, f in makers.items() if spec.startswith(prefix)), None)
+    if maker is not None:
+        prompts = maker(spec)
         report.total = report.loaded = len(prompts)
         out.extend(prompts)
         return report
@@ -86,7 +88,8 @@ def _load_source(spec: str, on_bad_record: str, defaults: ImageDefaults, out: li
 
 def load_prompts(specs: Sequence[str], on_bad_record: str = "fail", image_max_pixels: Optional[int] = None,
                  image_min_pixels: Optional[int] = None, check_images: bool = True) -> LoadedPrompts:
-    """All prompts of `specs` in order (JSONL, JSON list, `hf:<dir|file>[#split]`, `synthetic:arith[?...]`).
+    """All prompts of `specs` in order (JSONL, JSON list, `hf:<dir|file>[#split]`, `synthetic:arith[?...]`,
+    `synthetic:shapes[?...]`).
 
     on_bad_record: "fail" raises DataError at the first bad record (message names file, index and field);
     "skip" drops it and counts it per reason in the report, which is also logged. Nothing is dropped silently.

@@ -55,7 +55,7 @@ def resolve_source(spec: str) -> Source:
     if ext == ".json":
         return Source(spec, "json", body)
     raise DataError(f"{spec}: unknown data format '{ext}' (expected .jsonl, .json, .parquet, .arrow, .csv, "
-                    "an `hf:` dataset directory, or synthetic:arith)")
+                    "an `hf:` dataset directory, synthetic:arith or synthetic:shapes)")
 
 
 def _iter_jsonl(src: Source) -> Iterator[RawRecord]:

@@ -1,4 +1,5 @@
 """`synthetic:arith`: a seeded, verifiable toy task (small integer arithmetic) for the CPU quickstart.
+(`synthetic:shapes`, the image task for tiny VL runs, is in synthetic_vision.py.)
 
 Spec: `synthetic:arith[?n=512&max=9&ops=+-&seed=0&negative=0]`. Single-digit a + b and a - b by default, with
 a >= b for subtraction unless negative=1, so a tiny model can learn a useful part of it in a few hundred steps.
@@ -31,19 +32,27 @@ class ArithSpec:
     """1 allows a - b < 0; 0 orders the operands so differences are >= 0."""
 
 
-def parse_spec(spec: str) -> ArithSpec:
-    """`synthetic:arith?n=64&ops=+` -> ArithSpec; DataError for unknown keys or bad values."""
-    if not spec.startswith(PREFIX) or spec[len(PREFIX):][:1] not in ("", "?"):
-        raise DataError(f"{spec}: not a synthetic:arith spec")
-    known = {f.name: f.type for f in fields(ArithSpec)}
+def parse_query(spec: str, prefix: str, spec_cls) -> dict:
+    """`<prefix>?k=v&...` -> keyword arguments of the dataclass `spec_cls` (int fields parsed as integers);
+    DataError naming the spec for a wrong prefix, unknown keys or bad values."""
+    if not spec.startswith(prefix) or spec[len(prefix):][:1] not in ("", "?"):
+        raise DataError(f"{spec}: not a {prefix} spec")
+    known = {f.name: f.type for f in fields(spec_cls)}
     kwargs = {}
-    for key, value in parse_qsl(spec[len(PREFIX) + 1:], keep_blank_values=True):
+    # a literal '+' is an operator here, not a form-encoded space
+    for key, value in parse_qsl(spec[len(prefix) + 1:].replace("+", "%2B"), keep_blank_values=True):
         if key not in known:
             raise DataError(f"{spec}: unknown option '{key}' (known: {', '.join(known)})")
         try:
-            kwargs[key] = value if key == "ops" else int(value)
+            kwargs[key] = int(value) if known[key] in (int, "int") else value
         except ValueError:
             raise DataError(f"{spec}: option '{key}' expects an integer, got {value!r}") from None
+    return kwargs
+
+
+def parse_spec(spec: str) -> ArithSpec:
+    """`synthetic:arith?n=64&ops=+` -> ArithSpec; DataError for unknown keys or bad values."""
+    kwargs = parse_query(spec, PREFIX, ArithSpec)
     parsed = ArithSpec(**kwargs)
     if parsed.n < 1 or parsed.max < 0 or not parsed.ops or any(o not in _OPS for o in parsed.ops):
         raise DataError(f"{spec}: need n >= 1, max >= 0 and ops from '+-*'")

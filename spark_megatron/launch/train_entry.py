@@ -36,6 +36,21 @@ def resolve_config(argv) -> tuple:
     return args, cfg
 
 
+TINY_KINDS = ("qwen2", "qwen2-tied", "qwen2_5_vl")
+
+
+def write_tiny(kind: str, out, seed: int) -> None:
+    """A seeded random tiny checkpoint of one of TINY_KINDS, built locally."""
+    if kind == "qwen2_5_vl":
+        from spark_megatron.models.tiny_vl_checkpoint import TinyQwen25VLSpec, write_tiny_qwen2_5_vl
+
+        write_tiny_qwen2_5_vl(out, TinyQwen25VLSpec(seed=seed))
+        return
+    from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
+
+    write_tiny_qwen2(out, TinyQwen2Spec(tie_word_embeddings=kind.endswith("tied"), seed=seed))
+
+
 def prepare_model_dir(cfg: RunConfig) -> str:
     """`tiny:qwen2` recipes build their random tiny model into the run directory (no downloads)."""
     path = cfg.model.hf_path
@@ -43,14 +58,12 @@ def prepare_model_dir(cfg: RunConfig) -> str:
         if not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.hf_path '{path}' is not an HF checkpoint directory (no config.json)")
         return path
-    from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
-
     from spark_megatron.checkpoint.atomic import OutputExistsError, atomic_output_dir
 
     out = Path(cfg.output_dir) / "tiny_model"
     kind = path.split(":", 1)[1]
-    if kind not in ("qwen2", "qwen2-tied"):
-        raise ConfigError(f"model.hf_path '{path}': tiny models are tiny:qwen2 or tiny:qwen2-tied")
+    if kind not in TINY_KINDS:
+        raise ConfigError(f"model.hf_path '{path}': tiny models are " + ", ".join(f"tiny:{k}" for k in TINY_KINDS))
     if (out / "config.json").is_file():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +71,24 @@ def prepare_model_dir(cfg: RunConfig) -> str:
     # the first rename publishes it and the others find it in place
     try:
         with atomic_output_dir(out) as tmp:
-            write_tiny_qwen2(tmp, TinyQwen2Spec(tie_word_embeddings=kind.endswith("tied"), seed=cfg.seed))
+            write_tiny(kind, tmp, cfg.seed)
     except OutputExistsError:
         if not (out / "config.json").is_file():
             raise
     return str(out)
+
+
+def check_engine_for_model(cfg: RunConfig, hf_dir: str) -> None:
+    """vLLM's Qwen2.5-VL imports torchvision, which PyPI ships only CUDA-built: on a CPU machine it cannot load,
+    so say so before any rank starts (and before vLLM fails deep inside its model registry)."""
+    import json
+
+    import torch
+
+    model_type = json.loads((Path(hf_dir) / "config.json").read_text()).get("model_type")
+    if model_type == "qwen2_5_vl" and cfg.rollout.engine == "vllm" and not torch.cuda.is_available():
+        raise ConfigError("rollout.engine=vllm cannot serve Qwen2.5-VL on a CPU machine (vLLM's Qwen2.5-VL needs "
+                          "a CUDA torchvision); use rollout.engine=hf for CPU runs of VL models")
 
 
 def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
@@ -91,6 +117,7 @@ def main(argv=None) -> int:
             return 0
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         hf_dir = prepare_model_dir(cfg)
+        check_engine_for_model(cfg, hf_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,17 +75,17 @@ def resolve_architecture(cfg, model_config: Optional[str] = None) -> ModelArchit
 
 
 def _tiny_architecture(hf_path: str, seed: int) -> ModelArchitecture:
-    """`tiny:qwen2[-tied]` recipes: write the tiny model the trainer would build (its vocab comes from a
-    locally trained tokenizer) into a scratch directory and read its config."""
+    """`tiny:*` recipes: write the tiny model the trainer would build (its vocab comes from a locally trained
+    tokenizer) into a scratch directory and read its config."""
     import tempfile
 
-    from spark_megatron.models.tiny_checkpoint import TinyQwen2Spec, write_tiny_qwen2
+    from spark_megatron.launch.train_entry import TINY_KINDS, write_tiny
 
     kind = hf_path.split(":", 1)[1]
-    if kind not in ("qwen2", "qwen2-tied"):
-        raise RecipeError(f"model.hf_path '{hf_path}': tiny models are tiny:qwen2 or tiny:qwen2-tied")
+    if kind not in TINY_KINDS:
+        raise RecipeError(f"model.hf_path '{hf_path}': tiny models are " + ", ".join(f"tiny:{k}" for k in TINY_KINDS))
     with tempfile.TemporaryDirectory() as d:
-        write_tiny_qwen2(d, TinyQwen2Spec(tie_word_embeddings=kind.endswith("tied"), seed=seed))
+        write_tiny(kind, d, seed)
         arch = ModelArchitecture.from_path(d)
     return ModelArchitecture(arch.architecture, arch.text, arch.vision, hf_path, arch.hf_config)
 

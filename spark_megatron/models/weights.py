@@ -128,13 +128,39 @@ def load_hf_weights(model, reader: HFCheckpointReader, registry: MappingRegistry
     for name, param in global_param_names(model):
         mapping, layer = _mapping_for(registry, name, tied)
         _, hf_names = mapping.resolve(layer)
-        shard = mapping.hf_to_shard([reader.get(h) for h in hf_names], tp_rank, tp_size)
-        if tuple(shard.shape) != tuple(param.shape):
-            raise MappingError(f"{name} <- {hf_names}: shard shape {tuple(shard.shape)} != parameter "
-                               f"{tuple(param.shape)}")
-        param.copy_(shard.to(param.dtype))
+        hf = [reader.get(h) for h in hf_names]
+        if not _copy_own_segments(param, hf, mapping, tp_rank, tp_size):
+            shard = mapping.hf_to_shard(hf, tp_rank, tp_size)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise MappingError(f"{name} <- {hf_names}: shard shape {tuple(shard.shape)} != parameter "
+                                   f"{tuple(param.shape)}")
+            param.copy_(shard.to(param.dtype))
         loaded += 1
     return loaded
+
+
+def _copy_own_segments(param: torch.Tensor, hf: list, mapping, tp_rank: int, tp_size: int) -> bool:
+    """Copy this rank's slices of the HF tensors straight into `param` (one pass, no fused or full-size
+    temporaries), when the mapping is a pure slice permutation whose slices cover the whole shard (a zero-padded
+    mapping is not: its padding must come from the mapping). False: the caller uses the mapping's functions."""
+    from spark_megatron.models.layout import derive_layout, hf_shapes, layout_fits
+
+    shard_shape = tuple(int(d) for d in param.shape)
+    layout = derive_layout(mapping, shard_shape, tp_size)
+    if not layout_fits(layout, shard_shape, hf_shapes(mapping, shard_shape, tp_size)):
+        return False
+    if any(tuple(t.shape) != tuple(shape) for t, shape in zip(hf, hf_shapes(mapping, shard_shape, tp_size))):
+        return False  # the mapping's own path names the mismatch
+    dim = layout[0].dim
+    mine = [(out, t, seg) for out, t in zip(layout, hf) for seg in out.segments if seg.rank == tp_rank]
+    if sum(seg.length for _, _, seg in mine) != shard_shape[dim]:
+        return False
+    for out, t, seg in mine:
+        off = seg.dst
+        for start, length in seg.src:
+            param.narrow(dim, start, length).copy_(t.narrow(out.dim, off, length))
+            off += length
+    return True
 
 
 def gather_tp(shard: torch.Tensor, mapping) -> torch.Tensor:

@@ -87,6 +87,18 @@ def load_image(ref) -> "object":
         return im.convert("RGB")
 
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+"""Placeholders of Qwen2.5-VL prompts: a response must never contain them (the actor would have to embed an image
+there), so VL engines suppress them when sampling; the reported logprobs stay the raw model's."""
+
+
+def vision_token_ids(tokenizer) -> list:
+    """Ids of VISION_TOKENS that the tokenizer knows (empty for a tokenizer without them)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return [int(i) for i in ids if i is not None and i != unk]
+
+
 def token_request(token_ids: Sequence[int], uid: str = "tokens") -> TokenizedRequest:
     """A request given only as token ids (a placeholder Prompt carries the uid)."""
     return TokenizedRequest(Prompt(uid=uid, messages=[], ground_truth=""), list(token_ids))

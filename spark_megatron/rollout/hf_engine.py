@@ -3,6 +3,12 @@
 Slow (one prompt at a time, no paged KV cache) but simple: greedy and top-p sampling through `generate`,
 logprobs from the raw logits of each step (vLLM's default `raw_logprobs` semantics), scores from one forward.
 Weight updates go through the same validated, bucketed path as vLLM's.
+
+Qwen2.5-VL checkpoints load as Qwen2_5_VLForConditionalGeneration: images are prepared by the same
+`vision.ImagePreprocessor` the actor uses (so rollouts and training see identical pixels and token counts), the
+prompt's <|image_pad|> placeholders are expanded to each image's token count (the Rollout's prompt ids carry them
+expanded, as vLLM's do), and pushes map checkpoint names (`visual.*`, `model.*`) to the module's parameters. This
+is the CPU path for VL rollouts and VL weight sync (vLLM's Qwen2.5-VL needs CUDA torchvision).
 """
 from __future__ import annotations
 
@@ -11,14 +17,14 @@ from typing import Optional, Sequence
 import torch
 
 from spark_megatron.rollout.engine import (ChatRenderer, EngineStateError, SamplingSpec, TokenizedRequest,
-                                           WeightVersioning, logprobs_from_logits)
+                                           WeightVersioning, logprobs_from_logits, vision_token_ids)
 from spark_megatron.types import Rollout, RolloutGroup
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine(WeightVersioning):
-    """RolloutEngine on a transformers causal LM (text models)."""
+    """RolloutEngine on a transformers causal LM (Qwen2 text) or Qwen2.5-VL."""
 
     supports_sleep = False
 
@@ -26,13 +32,17 @@ class HFEngine(WeightVersioning):
                  bucket_bytes: Optional[int] = None, seed: int = 0):
         """`seed` drives requests sampled without their own seed (a private generator: the caller's global RNG
         is left alone), so the same sequence of calls gives the same samples."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.hf_dir = str(hf_dir)
         self.dtype = _DTYPES[dtype]
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.hf_dir, dtype=self.dtype).to(self.device).eval()
+        config = AutoConfig.from_pretrained(self.hf_dir)
+        self.vision = _VisionInputs(self.hf_dir, config) if config.model_type == "qwen2_5_vl" else None
+        """None for text models."""
+        model_cls = self.vision.model_class() if self.vision is not None else _causal_lm()
+        self.model = model_cls.from_pretrained(self.hf_dir, dtype=self.dtype).to(self.device).eval()
         self.renderer = ChatRenderer(self.tokenizer, getattr(cfg, "max_prompt_tokens", None))
         mb = getattr(cfg, "sync_bucket_mb", 512)
         self._init_versioning(bucket_bytes or mb << 20)
@@ -51,12 +61,21 @@ class HFEngine(WeightVersioning):
     @torch.no_grad()
     def load_bucket(self, named_tensors: list) -> None:
         if self._params is None:
-            self._params = dict(self.model.named_parameters())
+            params = dict(self.model.named_parameters())
             tied = getattr(self.model.config, "tie_word_embeddings", False)
-            if tied and "lm_head.weight" not in self._params:
-                self._params["lm_head.weight"] = self.model.get_output_embeddings().weight
+            if tied and "lm_head.weight" not in params:
+                params["lm_head.weight"] = self.model.get_output_embeddings().weight
+            # keyed by checkpoint name: what pushes (and the validation table) use
+            by_module = self.vision.module_name if self.vision is not None else (lambda n: n)
+            self._params = {n: params[by_module(n)] for n in self.expected_weights().specs}
         for name, t in named_tensors:
             self._params[name].copy_(t)
+
+    def named_checkpoint_tensors(self) -> dict:
+        """{checkpoint name: the engine's live parameter} (what a push writes; for tests and debugging)."""
+        if self._params is None:
+            self.load_bucket([])
+        return dict(self._params)
 
     def sleep(self, level: int = 1) -> None:
         self.asleep = level  # nothing to offload: the flag keeps the engine protocol's semantics
@@ -80,8 +99,8 @@ class HFEngine(WeightVersioning):
         groups = []
         for i, req in enumerate(requests):
             tok = self.renderer.render(req)
-            if tok.images:
-                raise EngineStateError("HFEngine serves text models only; use the vLLM engine for images")
+            if tok.images and self.vision is None:
+                raise EngineStateError(f"prompt '{tok.prompt.uid}' has images but {self.hf_dir} is a text model")
             seed = int(torch.randint(2**31 - 1, (1,), generator=self._seeds)) if params.seed is None \
                 else params.seed + i
             groups.append(RolloutGroup(tok.prompt, self._generate_one(tok, params, seed)))
@@ -89,14 +108,20 @@ class HFEngine(WeightVersioning):
 
     @torch.no_grad()
     def _generate_one(self, tok: TokenizedRequest, params: SamplingSpec, seed: int) -> list:
+        kw = {}
+        if tok.images:
+            token_ids, kw = self.vision.inputs(tok, self.device)
+            tok = TokenizedRequest(tok.prompt, token_ids, tok.images)
         ids = torch.tensor([tok.token_ids], device=self.device)
-        kw = dict(max_new_tokens=params.max_tokens, do_sample=not params.greedy, num_return_sequences=params.n,
+        kw.update(max_new_tokens=params.max_tokens, do_sample=not params.greedy, num_return_sequences=params.n,
                   output_logits=True, return_dict_in_generate=True, eos_token_id=self.tokenizer.eos_token_id,
                   pad_token_id=self.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
         if not params.greedy:
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if self.vision is not None:
+            kw.update(suppress_tokens=vision_token_ids(self.tokenizer))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = self.model.generate(ids, **kw)
@@ -120,3 +145,44 @@ class HFEngine(WeightVersioning):
         lps = logprobs_from_logits(logits[: len(ids)], torch.tensor(ids, device=logits.device)).tolist()
         return Rollout(prompt=tok.prompt, prompt_token_ids=list(tok.token_ids), response_token_ids=ids,
                        response_text=text, logprobs=lps, finish_reason=finish, policy_version=self.policy_version)
+
+
+def _causal_lm():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+class _VisionInputs:
+    """Qwen2.5-VL prompt preparation for `generate`: images -> pixels + grids, placeholders expanded."""
+
+    def __init__(self, hf_dir: str, config):
+        from spark_megatron.vision import ImagePreprocessor
+
+        self.preprocessor = ImagePreprocessor(hf_dir)
+        self.image_token_id = int(config.image_token_id)
+
+    @staticmethod
+    def model_class():
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    @staticmethod
+    def module_name(checkpoint_name: str) -> str:
+        from spark_megatron.models.qwen2_5_vl_mapping import hf_module_name
+
+        return hf_module_name(checkpoint_name)
+
+    def inputs(self, tok: TokenizedRequest, device) -> tuple:
+        """-> (prompt ids with expanded image pads, generate kwargs)."""
+        from spark_megatron.types import ImageRef
+        from spark_megatron.vision import expand_image_pads
+
+        prepared = [self.preprocessor.prepare(im.path, min_pixels=im.min_pixels, max_pixels=im.max_pixels)
+                    if isinstance(im, ImageRef) else self.preprocessor.prepare(im) for im in tok.images]
+        ids = expand_image_pads(list(tok.token_ids), prepared, self.image_token_id, record=f"prompt '{tok.prompt.uid}'")
+        t = torch.tensor([ids], device=device)
+        return ids, dict(pixel_values=torch.cat([p.pixel_values for p in prepared]).to(device),
+                         image_grid_thw=torch.tensor([p.grid_thw for p in prepared], device=device),
+                         mm_token_type_ids=(t == self.image_token_id).int())

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from spark_megatron.rollout.engine import (ChatRenderer, EngineStateError, SamplingSpec, WeightVersioning,
-                                           load_image)
+                                           load_image, vision_token_ids)
 from spark_megatron.types import Rollout, RolloutGroup
 
 _CPU_KV_CACHE_BYTES = 64 << 20
@@ -70,6 +70,8 @@ class VLLMEngine(WeightVersioning):
         self._llm = self._build(dtype, seed, llm_kwargs or {})
         self.dtype = self._llm.llm_engine.model_config.dtype
         self.renderer = ChatRenderer(self._llm.get_tokenizer(), cfg.max_prompt_tokens)
+        self._suppressed = {i: -100.0 for i in vision_token_ids(self._llm.get_tokenizer())} \
+            if self.is_multimodal else None
         self._expected = None
         self._reset_caches_on_wake = False
 
@@ -188,7 +190,8 @@ class VLLMEngine(WeightVersioning):
         from vllm import SamplingParams
 
         return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                              max_tokens=params.max_tokens, seed=seed, stop=list(params.stop) or None, logprobs=0)
+                              max_tokens=params.max_tokens, seed=seed, stop=list(params.stop) or None, logprobs=0,
+                              logit_bias=self._suppressed)
 
     def generate(self, requests: Sequence, params: SamplingSpec) -> list:
         self._check_servable()

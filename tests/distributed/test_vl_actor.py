@@ -266,3 +266,24 @@ def test_sequence_builder_shares_prepared_images(vl_dir, tmp_path):
     assert [len(s.images or []) for s in seqs] == [1, 1, 1, 1, 0, 0]
     assert len({id(s.images[0]) for s in seqs[:4]}) == 1
     assert SequenceBuilder(None, AlgorithmConfig(), RolloutConfig()).build(groups)[0].images is None
+
+
+def test_sequence_builder_cuts_a_vl_response_before_a_vision_token(vl_dir):
+    """An engine that lets a vision placeholder through: the trained response (and its logprobs) stop before it,
+    so the actor never has to embed an image inside a response; text models keep the response whole."""
+    from transformers import AutoTokenizer
+
+    from spark_megatron.config import AlgorithmConfig, RolloutConfig
+    from spark_megatron.sequences import SequenceBuilder
+    from spark_megatron.types import Prompt, Rollout, RolloutGroup, Verdict
+    from spark_megatron.vision import ImagePreprocessor
+
+    tok = AutoTokenizer.from_pretrained(vl_dir)
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    p = Prompt(uid="t", messages=[], ground_truth="1")
+    rollout = Rollout(p, [1, 2], [7, 8, pad, 9], "x", logprobs=[-0.1, -0.2, -0.3, -0.4], verdict=Verdict("1", True, 1.0))
+    groups = [RolloutGroup(p, [rollout, Rollout(p, [1, 2], [7], "y", logprobs=[-0.5], verdict=Verdict(None, False, 0.0))])]
+    vl = SequenceBuilder(tok, AlgorithmConfig(), RolloutConfig(), image_preprocessor=ImagePreprocessor(vl_dir)).build(groups)
+    assert vl[0].tokens == [1, 2, 7, 8] and vl[0].rollout_logprobs == [-0.1, -0.2] and len(vl[0].advantages) == 2
+    text = SequenceBuilder(tok, AlgorithmConfig(), RolloutConfig()).build(groups)
+    assert text[0].tokens == [1, 2, 7, 8, pad, 9]

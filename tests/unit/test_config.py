@@ -85,6 +85,8 @@ def test_override_values_are_coerced(override, getter, expected):
     ("optim=3", "is a section"),
     ("optim.lr.x=1", "is a value, not a section"),
     ("no_equals_sign", "not of the form key=value"),
+    ("data.train_files=[synthetic:shapes?n=16]", r"data.train_files=\[synthetic:shapes\?n=16\]': value is not valid "
+                                                 r"YAML at column 18"),
 ])
 def test_bad_override_values_are_rejected(override, needle):
     with pytest.raises(ConfigError, match=needle):

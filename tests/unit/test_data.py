@@ -192,3 +192,43 @@ def test_prompt_serialization_round_trip(data_dir):
     p = load_prompts([f]).prompts[0]
     d = json.loads(json.dumps(prompt_to_dict(p)))
     assert prompt_from_dict(d) == p
+
+
+def _squares_seen(path) -> int:
+    """Independent count: non-white pixels at the centres of the 3x3 grid cells the generator draws into."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    cell = img.width // 3
+    side = max(4, cell * 2 // 3)
+    return sum(img.getpixel(((c % 3) * cell + 2 + side // 2, (c // 3) * cell + 2 + side // 2)) != (255, 255, 255)
+               for c in range(9))
+
+
+def test_synthetic_shapes_images_match_their_answers_and_are_seeded(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARK_SYNTHETIC_DIR", str(tmp_path / "a"))
+    first = load_prompts(["synthetic:shapes?n=24&max=5&seed=3"]).prompts
+    assert len(first) == 24 and {p.ground_truth for p in first} == {"1", "2", "3", "4", "5"}
+    for p in first:
+        assert len(p.images) == 1 and p.messages[0]["content"][0] == {"type": "image", "image": p.images[0].path}
+        assert _squares_seen(p.images[0].path) == int(p.ground_truth)
+        assert "\\boxed{}" in p.messages[0]["content"][1]["text"]
+    monkeypatch.setenv("SPARK_SYNTHETIC_DIR", str(tmp_path / "b"))
+    again = load_prompts(["synthetic:shapes?n=24&max=5&seed=3"]).prompts
+    assert [p.ground_truth for p in again] == [p.ground_truth for p in first]
+    assert all(open(a.images[0].path, "rb").read() == open(b.images[0].path, "rb").read() for a, b in zip(first, again))
+    assert [p.ground_truth for p in load_prompts(["synthetic:shapes?n=24&max=5&seed=4"]).prompts] != \
+        [p.ground_truth for p in first]
+
+
+@pytest.mark.parametrize("spec, match", [("synthetic:shapes?colour=red", "unknown option 'colour'"),
+                                         ("synthetic:shapes?max=12", "1 <= max <= 9"),
+                                         ("synthetic:shapes?n=x", "expects an integer")])
+def test_synthetic_shapes_bad_specs(spec, match, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARK_SYNTHETIC_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=match):
+        load_prompts([spec])
+
+
+def test_synthetic_arith_keeps_a_literal_plus():
+    assert all(" + " in p.messages[0]["content"] for p in arith_prompts("synthetic:arith?n=8&ops=+"))
