@@ -112,3 +112,34 @@ def megatron_logits_at(ckpt_dir, tp: int, pp: int, tokens):
     load_megatron_checkpoint(stage, ckpt_dir)
     logits, _ = megatron_forward(stage, tokens, shape.vocab_size)
     return logits
+
+
+class TableEngine:
+    """Minimal in-process engine for weight-push tests: destination tensors shaped like `pairs`, its validation
+    table, and the names each loaded bucket held (in load order)."""
+
+    def __init__(self, pairs, where: str = "table engine"):
+        import torch
+
+        from spark_megatron.sync import ExpectedWeights, TensorSpec
+
+        self.dest = {n: torch.zeros_like(t) for n, t in pairs}
+        self.expected = ExpectedWeights({n: TensorSpec.of(n, t) for n, t in pairs}, where=where)
+        self.loaded, self.policy_version, self.stale = [], 0, None
+
+    def expected_weights(self):
+        return self.expected
+
+    def begin_update(self, version):
+        pass
+
+    def load_bucket(self, named):
+        self.loaded.append([n for n, _ in named])
+        for n, t in named:
+            self.dest[n].copy_(t)
+
+    def finish_update(self, version):
+        self.policy_version = version
+
+    def abort_update(self, reason, dirty):
+        self.stale = reason if dirty else None

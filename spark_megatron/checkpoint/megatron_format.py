@@ -192,10 +192,12 @@ def use_in_process_write_queue() -> None:
 
 
 def save_sharded_checkpoint(sharded_state_dict: dict, out_dir, meta: CheckpointMeta, aux_from=None,
-                            force: bool = False) -> Path:
+                            force: bool = False, before_commit=None, after_commit=None) -> Path:
     """Save any sharded state dict (the trainer adds 'optimizer' etc. beside 'model') in this format.
 
     All ranks call. `aux_from`: directory whose tokenizer/generation/processor files are copied along.
+    Rank 0 runs `before_commit(temp_dir)` (e.g. a completion marker) before the atomic rename and
+    `after_commit(out_dir)` after it; an OSError/CheckpointError in either fails the save on every rank.
     """
     from megatron.core import dist_checkpointing
 
@@ -207,9 +209,13 @@ def save_sharded_checkpoint(sharded_state_dict: dict, out_dir, meta: CheckpointM
         if _rank() == 0:
             try:
                 (tmp / META_FILE).write_text(meta.to_json())
-                if aux_from is not None:
+                if aux_from:
                     copy_aux_files(aux_from, tmp)
+                if before_commit is not None:
+                    before_commit(tmp)
                 atomic.commit(tmp, out_dir, force)
+                if after_commit is not None:
+                    after_commit(Path(out_dir))
             except (OSError, CheckpointError) as e:
                 status = ("error", f"{out_dir}: could not publish checkpoint ({e})")
         status = _broadcast(status)

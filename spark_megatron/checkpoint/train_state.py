@@ -25,9 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from spark_megatron.checkpoint import atomic
-from spark_megatron.checkpoint.megatron_format import (META_FILE, CheckpointMeta, copy_aux_files,
-                                                       model_sharded_state_dict, prepare_temp_dir, read_meta)
+from spark_megatron.checkpoint.megatron_format import META_FILE, CheckpointMeta, model_sharded_state_dict, read_meta
 from spark_megatron.models.weights import CheckpointError
 
 COMPLETE_MARKER = "complete"
@@ -48,19 +46,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(obj):
-    if not dist.is_initialized() or _world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _layout() -> dict:
@@ -163,39 +148,24 @@ def save_train_state(actor, ckpt_dir, extra_state: dict, rng: bool = True,
     marker; then `<parent>/latest` is pointed at it, and with `keep_last` older complete checkpoints in the
     same parent are deleted. Returns the checkpoint directory.
     """
-    from megatron.core import dist_checkpointing
+    from spark_megatron.checkpoint.megatron_format import save_sharded_checkpoint
 
     _check_json(extra_state)
     out = Path(ckpt_dir).absolute()
     meta = _train_meta(actor, extra_state, rng)
     sharded = _sharded_state(actor, is_loading=False, rng_data=capture_rng() if rng else None, with_rng=rng)
-    tmp = prepare_temp_dir(out, force=True)
-    status = ("ok", "")
-    try:
-        dist_checkpointing.save(sharded, str(tmp))
-        _barrier()
-        if _rank() == 0:
-            try:
-                (tmp / META_FILE).write_text(meta.to_json())
-                aux_from = actor.hf_dir or getattr(actor.model_cfg, "megatron_path", None)
-                if aux_from:  # tokenizer etc., so the checkpoint exports to a complete HF directory
-                    copy_aux_files(aux_from, tmp)
-                (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": meta.step}) + "\n")
-                atomic.commit(tmp, out, force=True)
-                write_latest(out.parent, out.name)
-                if keep_last:
-                    prune(out.parent, keep_last, keep=out.name)
-            except (OSError, CheckpointError) as e:
-                status = ("error", f"{out}: could not publish checkpoint ({e})")
-        status = _broadcast(status)
-    except BaseException:
-        if _rank() == 0:
-            atomic.discard(tmp)
-        raise
-    if status[0] == "error":
-        if _rank() == 0:
-            atomic.discard(tmp)
-        raise CheckpointError(status[1])
+
+    def mark_complete(tmp: Path) -> None:
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": meta.step}) + "\n")
+
+    def point_latest(published: Path) -> None:
+        write_latest(published.parent, published.name)
+        if keep_last:
+            prune(published.parent, keep_last, keep=published.name)
+
+    # tokenizer etc. travel along, so the checkpoint exports to a complete HF directory
+    save_sharded_checkpoint(sharded, out, meta, aux_from=actor.hf_dir or getattr(actor.model_cfg, "megatron_path", None),
+                            force=True, before_commit=mark_complete, after_commit=point_latest)
     return out
 
 

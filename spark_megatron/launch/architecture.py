@@ -14,12 +14,10 @@ what the distributed test compares against; the TE spec fuses those norms into `
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Optional
 
-from spark_megatron.models.qwen2 import ModelSpecError, TextModelShape, padded_vocab_size
+from spark_megatron.models.qwen2 import ModelSpecError, TextModelShape, padded_vocab_size, read_config_json
 from spark_megatron.models.vision import vision_ffn_size
 
 TEXT_ARCHITECTURES = ("Qwen2ForCausalLM",)
@@ -84,15 +82,7 @@ class ModelArchitecture:
     @classmethod
     def from_path(cls, path) -> "ModelArchitecture":
         """A config.json file, or an HF checkpoint directory holding one."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.is_file():
-            raise ModelSpecError(f"{path}: no config.json found")
-        try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelSpecError(f"{p}: invalid JSON ({e})") from None
+        cfg, p = read_config_json(path)
         return cls.from_hf_dict(cfg, str(p))
 
 

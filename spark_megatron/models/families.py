@@ -2,7 +2,6 @@
 use to build a Megatron stage and its HF mappings without knowing which model it is."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,13 +35,9 @@ def register_family(family: ModelFamily) -> None:
 
 
 def read_hf_config(hf_dir) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ModelSpecError(f"{hf_dir}: no config.json (not an HF checkpoint directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelSpecError(f"{path}: invalid JSON ({e})") from None
+    from spark_megatron.models.qwen2 import read_config_json
+
+    return read_config_json(Path(hf_dir) / "config.json" if Path(hf_dir).is_dir() else hf_dir)[0]
 
 
 def family_for_config(cfg: dict, source: str = "config.json") -> ModelFamily:

@@ -21,6 +21,20 @@ class ModelSpecError(ValueError):
     """An HF config this provider cannot build, or a parallel layout that does not divide it."""
 
 
+def read_config_json(path) -> tuple:
+    """A config.json file, or an HF checkpoint directory holding one -> (config dict, file path); ModelSpecError
+    naming the file when it is missing or not JSON."""
+    p = Path(path)
+    if p.is_dir() or not p.suffix:
+        p = p / "config.json"
+    if not p.is_file():
+        raise ModelSpecError(f"{path}: no config.json (not an HF checkpoint directory)")
+    try:
+        return json.loads(p.read_text()), p
+    except json.JSONDecodeError as e:
+        raise ModelSpecError(f"{p}: invalid JSON ({e})") from None
+
+
 @dataclass
 class TextModelShape:
     """The architecture facts the provider, the mappings and the planner need (read from config.json)."""
@@ -58,13 +72,7 @@ class TextModelShape:
 
     @classmethod
     def from_hf_dir(cls, hf_dir) -> "TextModelShape":
-        path = Path(hf_dir) / "config.json"
-        if not path.is_file():
-            raise ModelSpecError(f"{hf_dir}: no config.json (not an HF checkpoint directory)")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelSpecError(f"{path}: invalid JSON ({e})") from None
+        cfg, path = read_config_json(hf_dir)
         return cls.from_hf_dict(cfg, str(path))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spark_megatron.parallel.spawn import free_port
+from tests.helpers import TableEngine
 
 pytestmark = pytest.mark.distributed
 
@@ -24,34 +25,6 @@ def _base_pairs(scale: float = 1.0) -> list:
     return [(n, torch.randn((8, 4) if n.endswith("weight") else (8,), generator=g) * scale) for n in names]
 
 
-class _TableEngine:
-    """Minimal engine: a fixed tensor table, destination tensors, a log of loaded bucket names."""
-
-    def __init__(self, pairs):
-        from spark_megatron.sync import ExpectedWeights, TensorSpec
-
-        self.dest = {n: torch.zeros_like(t) for n, t in pairs}
-        self.expected = ExpectedWeights({n: TensorSpec.of(n, t) for n, t in pairs}, where="table engine")
-        self.loaded, self.policy_version, self.stale = [], 0, None
-
-    def expected_weights(self):
-        return self.expected
-
-    def begin_update(self, version):
-        pass
-
-    def load_bucket(self, named):
-        self.loaded.append([n for n, _ in named])
-        for n, t in named:
-            self.dest[n].copy_(t)
-
-    def finish_update(self, version):
-        self.policy_version = version
-
-    def abort_update(self, reason, dirty):
-        self.stale = reason if dirty else None
-
-
 def _engine_member(rank, world, port, queue):
     """Engine process `rank` of `world`: serves the channel until the actor closes it, then reports."""
     try:
@@ -60,7 +33,7 @@ def _engine_member(rank, world, port, queue):
         pairs = _base_pairs()
         if rank == 1:
             pairs.append((EXTRA, torch.zeros(8, 4)))  # this engine knows one more tensor than the other
-        engine = _TableEngine(pairs)
+        engine = TableEngine(pairs)
         channel = SyncChannel.connect("127.0.0.1", port, rank + 1, world + 1, is_master=False, timeout_s=120)
         outcomes = serve_weight_updates(channel, [engine], require_all=False)
         channel.close()

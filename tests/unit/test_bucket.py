@@ -7,6 +7,7 @@ import torch
 from spark_megatron.sync import (Bucket, BucketBuffer, ExpectedWeights, PairsSource, TensorSpec, WeightSyncError,
                                  WeightValidationError, module_key, plan_buckets, push_source)
 from spark_megatron.sync.manifest import PlanError, grouped_by_module, reload_units
+from tests.helpers import TableEngine
 
 pytestmark = pytest.mark.unit
 
@@ -142,42 +143,16 @@ def test_module_split_across_buckets_is_rejected():
         exp.check_plan(split)
 
 
-class RecordingEngine:
-    """Engine stand-in for push_source: keeps destination tensors, records what each bucket held."""
-
-    def __init__(self, pairs):
-        self.dest = {n: torch.zeros_like(t) for n, t in pairs}
-        self.expected = ExpectedWeights({n: TensorSpec.of(n, t) for n, t in pairs}, where="recording engine")
-        self.bucket_names, self.policy_version, self.stale = [], 0, None
-
-    def expected_weights(self):
-        return self.expected
-
-    def begin_update(self, version):
-        pass
-
-    def load_bucket(self, named):
-        self.bucket_names.append([n for n, _ in named])
-        for n, t in named:
-            self.dest[n].copy_(t)
-
-    def finish_update(self, version):
-        self.policy_version = version
-
-    def abort_update(self, reason, dirty):
-        self.stale = reason if dirty else None
-
-
 def test_push_source_delivers_every_tensor_bit_exactly_in_whole_modules():
     from spark_megatron.sync import EngineSink, LiveBytes
 
     pairs = _tensors(_model_specs())
-    eng = RecordingEngine(pairs)
+    eng = TableEngine(pairs)
     tracker = LiveBytes()
     stats = push_source([EngineSink(eng)], pairs, version=7, bucket_bytes=3000, tracker=tracker)
-    assert eng.policy_version == 7 and stats.buckets == len(eng.bucket_names) > 3
+    assert eng.policy_version == 7 and stats.buckets == len(eng.loaded) > 3
     assert all(torch.equal(eng.dest[n], t) for n, t in pairs)
-    for names in eng.bucket_names:
+    for names in eng.loaded:
         for key in {module_key(n) for n in names}:
             assert set(eng.expected.units[key]) <= set(names)
     largest = max(t.numel() * t.element_size() for _, t in pairs)
@@ -188,7 +163,7 @@ def test_source_that_lies_midway_aborts_and_marks_the_engine_stale():
     from spark_megatron.sync import EngineSink
 
     pairs = _tensors(_model_specs())
-    eng = RecordingEngine(pairs)
+    eng = TableEngine(pairs)
 
     class Lying(PairsSource):
         def __iter__(self):
@@ -250,7 +225,7 @@ def test_push_holds_one_bucket_not_a_model_copy():
     from spark_megatron.sync import EngineSink, LiveBytes
 
     src = _LazySource(n=48)
-    eng = RecordingEngine([(s.name, torch.zeros(s.shape)) for s in src.specs()])
+    eng = TableEngine([(s.name, torch.zeros(s.shape)) for s in src.specs()])
     for t in eng.dest.values():
         t.fill_(1.0)  # destination pages resident before the baseline
     total = sum(s.nbytes for s in src.specs())
@@ -355,7 +330,7 @@ def test_bucket_buffers_are_reused_across_pushes_and_released():
     from spark_megatron.sync import POOL, EngineSink, LiveBytes, release_buffers
 
     pairs = _tensors(_model_specs())
-    eng = RecordingEngine(pairs)
+    eng = TableEngine(pairs)
     ptrs = []
     real_load = eng.load_bucket
 
