@@ -6,8 +6,9 @@
 #   bash examples/export_and_serve.sh /ckpt/step_00000200 /models/spark-hf "--tp 2"
 #
 # Args: SOURCE (run dir or checkpoint dir), OUT (default SOURCE/hf), extra megatron_to_hf args (quoted).
-# Env: PY (python, default .venv/bin/python), DATA (self-reflection prompts, default synthetic:arith?max=5),
-#      LIMIT (prompts, default 32), ENGINE (vllm | hf, default vllm).
+# Env: PY (python, default .venv/bin/python), DATA (self-reflection prompts; default auto: synthetic:shapes for a
+#      VL model, synthetic:arith?max=5 otherwise), LIMIT (prompts, default 32), ENGINE (auto | vllm | hf; auto =
+#      vllm, or hf for a VL model without CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:?usage: export_and_serve.sh RUN_OR_CHECKPOINT_DIR [OUT] [extra megatron_to_hf args]}
@@ -27,9 +28,9 @@ echo "[export] $ckpt -> $out"
 "$PY" conversion/megatron_to_hf.py --megatron "$ckpt" --out "$out" --force $extra
 echo "[verify] HF export vs Megatron checkpoint (logits and every layer's hidden state)"
 "$PY" conversion/compare.py --hf "$out" --megatron "$ckpt"
-echo "[infer] test-time self-reflection on ${ENGINE:-vllm}"
-"$PY" examples/self_reflection.py --hf "$out" --data "${DATA:-synthetic:arith?max=5}" --limit "${LIMIT:-32}" \
-    --engine "${ENGINE:-vllm}" --max-tokens 64 --out "$out/self_reflection.jsonl"
+echo "[infer] test-time self-reflection (engine ${ENGINE:-auto})"
+"$PY" examples/self_reflection.py --hf "$out" --data "${DATA:-auto}" --limit "${LIMIT:-32}" \
+    --engine "${ENGINE:-auto}" --max-tokens 64 --out "$out/self_reflection.jsonl"
 cat <<MSG
 [serve] the export is a plain HF checkpoint; on a GPU machine:
     vllm serve $out --served-model-name spark --dtype bfloat16

@@ -18,10 +18,13 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="HF checkpoint directory (e.g. the output of megatron_to_hf)")
-    p.add_argument("--data", default="synthetic:arith?max=5",
-                   help="Spark-Data JSON/JSONL file, hf:<dir>, or synthetic:arith[?max=N] (default)")
+    p.add_argument("--data", default="auto",
+                   help="Spark-Data JSON/JSONL file, hf:<dir>, synthetic:arith[?max=N] or synthetic:shapes; "
+                        "auto (default): synthetic:shapes for a VL checkpoint, synthetic:arith?max=5 otherwise")
     p.add_argument("--limit", type=int, default=64, help="evaluate the first N prompts (default 64)")
-    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="generation engine (default vllm)")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto",
+                   help="generation engine; auto (default): vllm, except hf for a VL checkpoint on a machine "
+                        "without CUDA (vLLM's Qwen2.5-VL needs a CUDA torchvision)")
     p.add_argument("--max-rounds", type=int, default=2, help="most self-reflection retries (default 2)")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per generated response")
     p.add_argument("--dtype", default="float32", help="engine dtype (float32 on CPU; bfloat16 on GPU)")
@@ -65,8 +68,15 @@ def main(argv=None) -> int:
     from spark_megatron.recycle.self_reflection import self_reflect
     from spark_megatron.rollout.engine import build_engine
 
-    prompts = load_prompts([args.data]).prompts[:args.limit]
-    cfg = RolloutConfig(engine=args.engine, n=1, max_response_tokens=args.max_tokens, enforce_eager=True,
+    vl = json.loads((Path(args.hf) / "config.json").read_text()).get("model_type") == "qwen2_5_vl"
+    data = args.data if args.data != "auto" else ("synthetic:shapes?n=64" if vl else "synthetic:arith?max=5")
+    engine_name = args.engine
+    if engine_name == "auto":
+        import torch
+
+        engine_name = "hf" if vl and not torch.cuda.is_available() else "vllm"
+    prompts = load_prompts([data]).prompts[:args.limit]
+    cfg = RolloutConfig(engine=engine_name, n=1, max_response_tokens=args.max_tokens, enforce_eager=True,
                         kv_cache_memory_bytes=64 << 20)
     engine = build_engine(cfg, args.hf, dtype=args.dtype)
     try:

@@ -29,9 +29,26 @@ class ParityReport:
         return out
 
 
+@dataclass
+class ParityInputs:
+    """What both models run: tokens [b, s] plus, for VL models, Megatron's mRoPE ids and image inputs and the
+    matching HF keyword arguments (None / {} for text models)."""
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor = None
+    """None: text positions 0..s-1."""
+    megatron_inputs: dict = field(default_factory=dict)
+    hf_inputs: dict = field(default_factory=dict)
+
+
+def as_inputs(inputs) -> ParityInputs:
+    return inputs if isinstance(inputs, ParityInputs) else ParityInputs(inputs)
+
+
 def _capture_layer_outputs(model, store: dict) -> list:
     handles = []
-    decoder = getattr(model, "decoder", None)
+    lm = getattr(model, "language_model", model)  # a VL stage wraps the language model
+    decoder = getattr(lm, "decoder", None)
     if decoder is None:
         return handles
     for layer in decoder.layers:
@@ -51,22 +68,27 @@ def _capture_layer_outputs(model, store: dict) -> list:
 
 
 @torch.no_grad()
-def megatron_forward(model, tokens: torch.Tensor, vocab_size: int):
-    """tokens [b, s] -> (logits [b, s, vocab] on the last stage else None, {layer: hidden [b, s, h]})."""
+def megatron_forward(model, inputs, vocab_size: int):
+    """ParityInputs (or [b, s] tokens) -> (logits [b, s, vocab] on the last stage else None, {layer: hidden
+    [b, s, h]})."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from spark_megatron.train.schedule import MicroBatch, run_schedule
 
+    inputs = as_inputs(inputs)
     hidden: dict = {}
     handles = _capture_layer_outputs(model, hidden)
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    tokens = inputs.tokens
+    pos = inputs.position_ids if inputs.position_ids is not None else \
+        torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
 
     def collect_logits(output, _mb):
         return gather_from_tensor_model_parallel_region(output)[..., :vocab_size].float().clone()
 
     model.eval()
     try:
-        outs = run_schedule([model], [MicroBatch(tokens, pos)], collect_logits, forward_only=True, collect=True)
+        outs = run_schedule([model], [MicroBatch(tokens, pos, model_inputs=dict(inputs.megatron_inputs))],
+                            collect_logits, forward_only=True, collect=True)
     finally:
         for h in handles:
             h.remove()
@@ -74,21 +96,24 @@ def megatron_forward(model, tokens: torch.Tensor, vocab_size: int):
 
 
 @torch.no_grad()
-def hf_forward(hf_model, tokens: torch.Tensor):
-    """tokens [b, s] -> (logits [b, s, vocab], {layer: hidden}) with HF's hidden_states re-indexed per layer."""
-    out = hf_model(input_ids=tokens, output_hidden_states=True)
+def hf_forward(hf_model, inputs):
+    """ParityInputs (or [b, s] tokens) -> (logits [b, s, vocab], {layer: hidden}), HF's hidden_states
+    re-indexed per layer."""
+    inputs = as_inputs(inputs)
+    out = hf_model(input_ids=inputs.tokens, output_hidden_states=True, **inputs.hf_inputs)
     hs = out.hidden_states  # [emb, after layer 0, ..., after layer L-2, final_norm(after layer L-1)]
     layers = {i: hs[i + 1].float() for i in range(len(hs) - 2)}
     layers["final_norm"] = hs[-1].float()
     return out.logits.float(), layers
 
 
-def compare_stage(model, hf_model, tokens: torch.Tensor, vocab_size: int) -> ParityReport:
-    """Diff this rank's stage against HF, then merge every rank's findings (all ranks must call)."""
+def compare_stage(model, hf_model, inputs, vocab_size: int) -> ParityReport:
+    """Diff this rank's stage against HF, then merge every rank's findings (all ranks must call).
+    `inputs`: ParityInputs, or a plain [b, s] token tensor for text models."""
     import torch.distributed as dist
 
-    m_logits, m_hidden = megatron_forward(model, tokens, vocab_size)
-    h_logits, h_hidden = hf_forward(hf_model, tokens)
+    m_logits, m_hidden = megatron_forward(model, inputs, vocab_size)
+    h_logits, h_hidden = hf_forward(hf_model, inputs)
     local = ParityReport()
     if m_logits is not None:
         local.logits_max_abs_diff = (m_logits - h_logits).abs().max().item()

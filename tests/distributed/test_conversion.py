@@ -219,6 +219,24 @@ def test_compare_cli_passes_on_the_right_model_and_fails_on_another(untied_tp2pp
     assert rc == 1 and capsys.readouterr().out.splitlines()[-1].startswith("FAIL")
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_compare_cli_checks_the_vl_image_path(work, capsys):
+    """Qwen2.5-VL through compare (TP2): passes on its own checkpoint, and fails once only one vision-tower
+    tensor of the HF side differs, so the random images really run through both towers."""
+    src = tiny_hf_checkpoint("vl_odd_mlp")
+    meg = work / "vl_compare_mg"
+    conv = _run_cli("hf_to_megatron", "--hf", src, "--out", meg, "--tp", 2, "--no-progress")
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    res = _run_cli("compare", "--hf", src, "--megatron", meg, "--tp", 2, "--seq-len", 12)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].startswith("PASS"), res.stdout + res.stderr[-3000:]
+    other = work / "vl_other_tower"
+    copy_checkpoint(src, other)
+    _rewrite_tensors(other, lambda t: {**t, "visual.merger.mlp.2.bias": t["visual.merger.mlp.2.bias"] + 0.5})
+    res = _run_cli("compare", "--hf", other, "--megatron", meg, "--tp", 2, "--seq-len", 12)
+    assert res.returncode == 1 and res.stdout.splitlines()[-1].startswith("FAIL"), res.stdout + res.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def _split_into_two_shards(src: Path, dst: Path) -> list:
