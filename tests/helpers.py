@@ -143,3 +143,17 @@ class TableEngine:
 
     def abort_update(self, reason, dirty):
         self.stale = reason if dirty else None
+
+
+def loaded_qwen2_stage(hf_dir):
+    """Inside a spawned rank (parallel state initialised): this rank's Qwen2 stage with the HF weights loaded
+    -> (shape, mapping registry, stage)."""
+    from spark_megatron.models.qwen2 import TextModelShape, build_stage
+    from spark_megatron.models.qwen2_mapping import qwen2_mappings
+    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+
+    shape = TextModelShape.from_hf_dir(hf_dir)
+    registry = qwen2_mappings(shape)
+    stage = build_stage(shape)
+    load_hf_weights(stage, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    return shape, registry, stage

@@ -58,9 +58,7 @@ def _megatron_logprobs(model, tokens: torch.Tensor, vocab: int):
 def _actor_job(rank, world, hf_dir, port):
     """Each layout: build + load the actor, perturb, record logprobs, push (version v), then a bf16 push that the
     fp32 engines must reject on every rank."""
-    from spark_megatron.models.qwen2 import TextModelShape, build_stage
-    from spark_megatron.models.qwen2_mapping import qwen2_mappings
-    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from tests.helpers import loaded_qwen2_stage
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.sync import LiveBytes, WeightValidationError, push_actor_weights
     from spark_megatron.sync.channel import ChannelSink, SyncChannel
@@ -70,10 +68,7 @@ def _actor_job(rank, world, hf_dir, port):
     out = {}
     for tp, pp, version, seed in LAYOUTS:
         init_distributed(tp, pp)
-        shape = TextModelShape.from_hf_dir(hf_dir)
-        registry = qwen2_mappings(shape)
-        model = build_stage(shape)
-        load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+        shape, registry, model = loaded_qwen2_stage(hf_dir)
         _perturb(model, seed)
         logprobs = _megatron_logprobs(model, _sequences(shape.vocab_size), shape.vocab_size)
         tracker = LiveBytes()
@@ -190,19 +185,14 @@ def _colocated_job(rank, world, hf_dir):
     """PP2 actor with one HF reference engine per rank (the colocated layout): every bucket is broadcast from its
     stage leader and loaded on every rank; then a bf16 push is rejected on every rank before anything is written."""
     from spark_megatron.config import RolloutConfig
-    from spark_megatron.models.qwen2 import TextModelShape, build_stage
-    from spark_megatron.models.qwen2_mapping import qwen2_mappings
-    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from tests.helpers import loaded_qwen2_stage
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.rollout.hf_engine import HFEngine
     from spark_megatron.sync import EngineSink, WeightValidationError, push_actor_weights
     from spark_megatron.sync.push import actor_plan
 
     init_distributed(1, 2)
-    shape = TextModelShape.from_hf_dir(hf_dir)
-    registry = qwen2_mappings(shape)
-    model = build_stage(shape)
-    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    shape, registry, model = loaded_qwen2_stage(hf_dir)
     _perturb(model, seed=33)
     seqs = _sequences(shape.vocab_size)
     engine = HFEngine(hf_dir, RolloutConfig(engine="hf"))
@@ -237,18 +227,13 @@ def test_colocated_broadcast_delivery_loads_every_ranks_engine(tmp_path):
 def _inprocess_job(rank, world, hf_dir):
     """World of one (the CPU quickstart layout): Megatron TP1 actor and vLLM in the same process, direct sink."""
     from spark_megatron.config import RolloutConfig
-    from spark_megatron.models.qwen2 import TextModelShape, build_stage
-    from spark_megatron.models.qwen2_mapping import qwen2_mappings
-    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from tests.helpers import loaded_qwen2_stage
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.rollout.vllm_engine import VLLMEngine
     from spark_megatron.sync import EngineSink, push_actor_weights
 
     init_distributed(1, 1)
-    shape = TextModelShape.from_hf_dir(hf_dir)
-    registry = qwen2_mappings(shape)
-    model = build_stage(shape)
-    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    shape, registry, model = loaded_qwen2_stage(hf_dir)
     engine = VLLMEngine(hf_dir, RolloutConfig(max_prompt_tokens=64, max_response_tokens=16), dtype="float32")
     seqs = _sequences(shape.vocab_size)
     before = torch.stack(engine.score(seqs.tolist()))
@@ -272,19 +257,14 @@ def _remote_job(rank, world, hf_dir):
     """TP2 actor; rank 0 drives a vLLM engine living in its own process (RemoteEngine): push, score, generate,
     and a rejected bf16 push, all through the proxy."""
     from spark_megatron.config import RolloutConfig
-    from spark_megatron.models.qwen2 import TextModelShape, build_stage
-    from spark_megatron.models.qwen2_mapping import qwen2_mappings
-    from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+    from tests.helpers import loaded_qwen2_stage
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.rollout import SamplingSpec, token_request
     from spark_megatron.rollout.remote import RemoteEngine
     from spark_megatron.sync import WeightValidationError, push_actor_weights
 
     init_distributed(2, 1)
-    shape = TextModelShape.from_hf_dir(hf_dir)
-    registry = qwen2_mappings(shape)
-    model = build_stage(shape)
-    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    shape, registry, model = loaded_qwen2_stage(hf_dir)
     remote = RemoteEngine(RolloutConfig(max_prompt_tokens=64, max_response_tokens=16), hf_dir, dtype="float32") \
         if rank == 0 else None
     seqs = _sequences(shape.vocab_size)

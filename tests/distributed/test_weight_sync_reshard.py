@@ -72,19 +72,15 @@ def _fallback_for(classes: tuple):
 
 def _job(rank, world, hf_dir):
     from spark_megatron.models.mapping import GatedMLPMapping, RowParallelMapping
-    from spark_megatron.models.qwen2 import TextModelShape, build_stage
-    from spark_megatron.models.qwen2_mapping import qwen2_mappings
-    from spark_megatron.models.weights import HFCheckpointReader, export_hf_weights, load_hf_weights
+    from spark_megatron.models.weights import export_hf_weights
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.sync import LiveBytes, push_actor_weights
     from spark_megatron.sync import reshard
     from spark_megatron.sync.push import actor_plan
+    from tests.helpers import loaded_qwen2_stage
 
     init_distributed(2, 1)
-    shape = TextModelShape.from_hf_dir(hf_dir)
-    registry = qwen2_mappings(shape)
-    model = build_stage(shape)
-    load_hf_weights(model, HFCheckpointReader(hf_dir), registry, shape.tie_word_embeddings)
+    shape, registry, model = loaded_qwen2_stage(hf_dir)
     _perturb(model)
     tied = shape.tie_word_embeddings
     out = {}
