@@ -42,14 +42,14 @@ def parse_spec(spec: str) -> ShapesSpec:
     return parsed
 
 
-def _draw(count: int, size: int, rng: random.Random):
-    """A white image with `count` squares on a 3x3 grid of cells (never overlapping)."""
+def _draw(cells: list, size: int):
+    """A white image with a square in each of `cells` of a 3x3 grid (never overlapping)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     cell = size // 3
-    for k, c in enumerate(rng.sample(range(9), count)):
+    for k, c in enumerate(cells):
         x, y = (c % 3) * cell, (c // 3) * cell
         side = max(4, cell * 2 // 3)
         draw.rectangle([x + 2, y + 2, x + 2 + side, y + 2 + side], fill=_COLOURS[k % len(_COLOURS)])
@@ -70,12 +70,12 @@ def shapes_prompts(spec: str = PREFIX) -> list:
     prompts = []
     for i in range(cfg.n):
         count = rng.randint(1, cfg.max)
-        img = _draw(count, cfg.size, rng)
+        cells = rng.sample(range(9), count)  # drawn from the RNG even when the file exists: same stream
         path = out_dir / f"{i:05d}.png"
         if not path.is_file():
             fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png.tmp")
             with os.fdopen(fd, "wb") as f:
-                img.save(f, format="PNG")
+                _draw(cells, cfg.size).save(f, format="PNG")
             os.replace(tmp, path)
         content = [{"type": "image", "image": str(path)}, {"type": "text", "text": _QUESTION}]
         prompts.append(Prompt(uid=f"{PREFIX}:{i}", messages=[{"role": "user", "content": content}],

@@ -146,10 +146,10 @@ def _copy_own_segments(param: torch.Tensor, hf: list, mapping, tp_rank: int, tp_
     from spark_megatron.models.layout import derive_layout, hf_shapes, layout_fits
 
     shard_shape = tuple(int(d) for d in param.shape)
-    layout = derive_layout(mapping, shard_shape, tp_size)
-    if not layout_fits(layout, shard_shape, hf_shapes(mapping, shard_shape, tp_size)):
+    layout, shapes = derive_layout(mapping, shard_shape, tp_size), hf_shapes(mapping, shard_shape, tp_size)
+    if not layout_fits(layout, shard_shape, shapes):
         return False
-    if any(tuple(t.shape) != tuple(shape) for t, shape in zip(hf, hf_shapes(mapping, shard_shape, tp_size))):
+    if any(tuple(t.shape) != tuple(shape) for t, shape in zip(hf, shapes)):
         return False  # the mapping's own path names the mismatch
     dim = layout[0].dim
     mine = [(out, t, seg) for out, t in zip(layout, hf) for seg in out.segments if seg.rank == tp_rank]

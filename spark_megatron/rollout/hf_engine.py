@@ -39,7 +39,7 @@ class HFEngine(WeightVersioning):
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         config = AutoConfig.from_pretrained(self.hf_dir)
-        self.vision = _VisionInputs(self.hf_dir, config) if config.model_type == "qwen2_5_vl" else None
+        self.vision = _VisionInputs(self.hf_dir, config, self.tokenizer) if config.model_type == "qwen2_5_vl" else None
         """None for text models."""
         model_cls = self.vision.model_class() if self.vision is not None else _causal_lm()
         self.model = model_cls.from_pretrained(self.hf_dir, dtype=self.dtype).to(self.device).eval()
@@ -121,7 +121,7 @@ class HFEngine(WeightVersioning):
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if self.vision is not None:
-            kw.update(suppress_tokens=vision_token_ids(self.tokenizer))
+            kw.update(suppress_tokens=self.vision.suppressed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = self.model.generate(ids, **kw)
@@ -156,11 +156,13 @@ def _causal_lm():
 class _VisionInputs:
     """Qwen2.5-VL prompt preparation for `generate`: images -> pixels + grids, placeholders expanded."""
 
-    def __init__(self, hf_dir: str, config):
+    def __init__(self, hf_dir: str, config, tokenizer):
         from spark_megatron.vision import ImagePreprocessor
 
         self.preprocessor = ImagePreprocessor(hf_dir)
         self.image_token_id = int(config.image_token_id)
+        self.suppressed = vision_token_ids(tokenizer)
+        """Vision placeholder ids, never sampled (see rollout.engine.VISION_TOKENS)."""
 
     @staticmethod
     def model_class():
