@@ -1,0 +1,120 @@
+"""Scoring rules: the training verifier for answers, the training judge templates for reward benchmarks.
+
+Answers: the verifier's verdict on the boxed final answer (first brace-matched \\boxed{}, math-verify, hedges
+count wrong: the same rule training rewards). Benchmark-specific additions are limited to how multiple-choice
+benchmarks accept answers: the correct option's content where the benchmark's scorer accepts it (MathVista,
+MathVision), and letter sets compared as sets (LogicVista's multi-answer questions).
+
+Judgments: a verdict is the choice label of the judge's boxed answer (Yes/No, A/B), checked by the verifier
+exactly as recycled judge tasks are rewarded. A verdict that is neither label is unparsable: wrong, and counted.
+
+Preference items (reward benchmarks) with chosen responses C and rejected responses R:
+- pairwise (default): one pairwise judgment per (c, r) pair, A/B order drawn per pair from a seeded coin; the item
+  is right only if every chosen response wins every comparison. For RewardBench2's best-of-4 (1 chosen, 3
+  rejected) that is its own rule (the chosen response must outrank all three), reduced to the 3 comparisons a
+  pairwise judge can make; chance level is 1/8 instead of a scalar reward model's 1/4, because the comparisons
+  are not forced to be transitive. VL-RewardBench (one pair) is plain pairwise accuracy.
+- pointwise: one Yes/No judgment per response; right only if every chosen response gets Yes and every rejected
+  one No. Equal verdicts on a chosen and a rejected response are a tie: wrong, and counted.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from spark_megatron.eval.items import AnswerItem, JudgmentItem, PreferenceItem
+from spark_megatron.recycle import question as q
+from spark_megatron.recycle import templates
+from spark_megatron.types import Prompt, TaskKind
+from spark_megatron.verify import VerifyRequest, choice_label
+
+_LETTER = re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])")
+
+
+def letter_set(text: Optional[str]) -> frozenset:
+    """{'A', 'C'} from 'A, C', '(C) and (A)', '\\text{A,C}'; empty for text without standalone option letters."""
+    if not text:
+        return frozenset()
+    return frozenset(_LETTER.findall(text.replace("\\text", " ").upper()))
+
+
+def answer_correct(verifier, item: AnswerItem, verdict) -> bool:
+    """The training verifier's verdict, plus the benchmark's multiple-choice allowances (see module doc)."""
+    if verdict.correct:
+        return True
+    if verdict.extracted is None or verdict.timed_out:
+        return False
+    if item.letter_set:
+        return letter_set(verdict.extracted) == letter_set(item.prompt.ground_truth)
+    if item.option_text:
+        return verifier.verify(f"\\boxed{{{verdict.extracted}}}", item.option_text).correct
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- judgments
+
+@dataclass
+class JudgeRequest:
+    """One judgment the model makes for an item: the prompt and the verdict that counts as right."""
+
+    prompt: Prompt
+    label: str
+    """Yes/No (pointwise) or A/B (pairwise)."""
+    role: str
+    """chosen | rejected (pointwise), pair (pairwise), task (a labelled judgment record)."""
+
+
+def _modality(p: Prompt) -> str:
+    return "image" if q.has_images(p) else "text"
+
+
+def pairwise_request(question: Prompt, first: str, second: str, label: str, template: int) -> JudgeRequest:
+    """The training's pairwise template (full responses shown: the 'solution' wording)."""
+    text = templates.render("pairwise", _modality(question), template, shows_cot=True,
+                            question=q.question_text(question), response_a=first, response_b=second)
+    return JudgeRequest(Prompt(question.uid, q.task_messages(question, text), label, kind=TaskKind.PAIRWISE),
+                        label, "pair")
+
+
+def pointwise_request(question: Prompt, response: str, good: bool, template: int) -> JudgeRequest:
+    text = templates.render("pointwise_yes_no", _modality(question), template, shows_cot=True,
+                            question=q.question_text(question), response=response)
+    label = "Yes" if good else "No"
+    return JudgeRequest(Prompt(question.uid, q.task_messages(question, text), label, kind=TaskKind.POINTWISE),
+                        label, "chosen" if good else "rejected")
+
+
+def judge_requests(item, mode: str, template: int, seed: int) -> list:
+    """The judgments an item needs, in a fixed order (seeded per item: reproducible and resumable)."""
+    if isinstance(item, JudgmentItem):
+        return [JudgeRequest(item.prompt, item.prompt.ground_truth, "task")]
+    if mode == "pointwise":
+        return [pointwise_request(item.question, r, True, template) for r in item.chosen] + \
+               [pointwise_request(item.question, r, False, template) for r in item.rejected]
+    out = []
+    for ci, c in enumerate(item.chosen):
+        for ri, r in enumerate(item.rejected):
+            chosen_first = random.Random(f"{seed}/{item.id}/{ci}/{ri}").random() < 0.5
+            first, second = (c, r) if chosen_first else (r, c)
+            out.append(pairwise_request(item.question, first, second, "A" if chosen_first else "B", template))
+    return out
+
+
+def judgment_outcome(item, requests: list, texts: list, verifier) -> dict:
+    """Right/wrong of the whole item, with per-judgment verdicts, the unparsable count and ties."""
+    verdicts = verifier.verify_batch([VerifyRequest(t, r.label, r.prompt.kind) for r, t in zip(requests, texts)])
+    labels = [choice_label(v.extracted) for v in verdicts]
+    allowed = ("Yes", "No") if requests[0].label in ("Yes", "No") else ("A", "B") \
+        if isinstance(item, PreferenceItem) else None
+    unparsable = sum(1 for lab in labels if lab is None or (allowed and lab not in allowed))
+    right = [v.correct for v in verdicts]
+    tie = False
+    if isinstance(item, PreferenceItem) and requests[0].role != "pair" and not unparsable:
+        chosen = {lab for r, lab in zip(requests, labels) if r.role == "chosen"}
+        rejected = {lab for r, lab in zip(requests, labels) if r.role == "rejected"}
+        tie = bool(chosen & rejected)
+    return {"correct": all(right), "judgments": [{"label": r.label, "verdict": lab, "right": ok}
+                                                 for r, lab, ok in zip(requests, labels, right)],
+            "unparsable": unparsable, "tie": tie}
