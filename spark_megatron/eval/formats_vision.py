@@ -18,7 +18,8 @@ _LETTER_SET = re.compile(r"^[A-J](?:\s*[,;]\s*[A-J])+$")
 def _check_letter(ctx: RecordContext, field: str, answer: str, n_options: int = len(LETTERS)) -> str:
     letter = answer.strip().strip("()").upper()
     if len(letter) != 1 or letter not in LETTERS[:n_options]:
-        ctx.fail(field, "bad_value", f"multiple-choice answer {answer!r} is not an option letter A-{LETTERS[n_options - 1]}")
+        ctx.fail(field, "bad_value",
+                 f"multiple-choice answer {answer!r} is not an option letter A-{LETTERS[n_options - 1]}")
     return letter
 
 

@@ -52,7 +52,8 @@ def test_mathvista_multi_choice_maps_the_answer_text_to_its_letter(tmp_path):
     rows = [
         {"pid": "1", "question": "Which is larger?", "image": "1.jpg", "choices": ["3", "5", "7"],
          "unit": None, "precision": None, "answer": "5", "question_type": "multi_choice", "answer_type": "text",
-         "metadata": {}, "query": "Hint: answer with the option.\nQuestion: Which is larger?\nChoices:\n(A) 3\n(B) 5\n(C) 7"},
+         "metadata": {},
+         "query": "Hint: answer with the option.\nQuestion: Which is larger?\nChoices:\n(A) 3\n(B) 5\n(C) 7"},
         {"pid": "2", "question": "How many?", "image": "1.jpg", "choices": None, "unit": None, "precision": None,
          "answer": "4", "question_type": "free_form", "answer_type": "integer", "metadata": {}},
         {"pid": "3", "question": "Pick", "image": "1.jpg", "choices": ["a", "b"], "answer": "c",
@@ -88,7 +89,8 @@ def test_mathvision_options_get_letters_and_image_tags_are_dropped(tmp_path):
     assert (a.prompt.ground_truth, a.option_text, a.subset) == ("B", "square", "logic")
     assert "<image1>" not in _user_text(a) and "(A) circle\n(B) square" in _user_text(a)
     # the embedded image was written once to the content-addressed cache (both rows carry the same bytes)
-    assert a.prompt.images[0].path == b.prompt.images[0].path and a.prompt.images[0].path.startswith(str(tmp_path / "cache"))
+    assert a.prompt.images[0].path == b.prompt.images[0].path
+    assert a.prompt.images[0].path.startswith(str(tmp_path / "cache"))
     assert (b.prompt.ground_truth, b.option_text) == ("12", None)
 
 
