@@ -74,16 +74,21 @@ def pairwise_request(question: Prompt, first: str, second: str, label: str, temp
     """The training's pairwise template (full responses shown: the 'solution' wording)."""
     text = templates.render("pairwise", _modality(question), template, shows_cot=True,
                             question=q.question_text(question), response_a=first, response_b=second)
-    return JudgeRequest(Prompt(question.uid, q.task_messages(question, text), label, kind=TaskKind.PAIRWISE),
-                        label, "pair")
+    return JudgeRequest(_judge_prompt(question, text, label, TaskKind.PAIRWISE), label, "pair")
 
 
 def pointwise_request(question: Prompt, response: str, good: bool, template: int) -> JudgeRequest:
     text = templates.render("pointwise_yes_no", _modality(question), template, shows_cot=True,
                             question=q.question_text(question), response=response)
     label = "Yes" if good else "No"
-    return JudgeRequest(Prompt(question.uid, q.task_messages(question, text), label, kind=TaskKind.POINTWISE),
-                        label, "chosen" if good else "rejected")
+    return JudgeRequest(_judge_prompt(question, text, label, TaskKind.POINTWISE), label,
+                        "chosen" if good else "rejected")
+
+
+def _judge_prompt(question: Prompt, text: str, label: str, kind: TaskKind) -> Prompt:
+    """The judge task about `question`: its system turn, its images (in the messages and as ImageRefs, which
+    the engines load) and `text`."""
+    return Prompt(question.uid, q.task_messages(question, text), label, images=list(question.images), kind=kind)
 
 
 def judge_requests(item, mode: str, template: int, seed: int) -> list:

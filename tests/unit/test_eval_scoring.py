@@ -74,6 +74,20 @@ def test_pointwise_mode_needs_yes_for_chosen_and_no_for_rejected_and_counts_ties
     assert not odd["correct"] and odd["unparsable"] == 1 and not odd["tie"]
 
 
+def test_judgments_of_an_image_question_carry_its_image():
+    from spark_megatron.types import ImageRef
+
+    question = Prompt("v", [{"role": "user", "content": [{"type": "image", "image": "/d/q.png"},
+                                                         {"type": "text", "text": "What is the area?"}]}], "",
+                      images=[ImageRef("/d/q.png")])
+    item = PreferenceItem("v", question, ["12"], ["6"])
+    for mode in ("pairwise", "pointwise"):
+        for r in scoring.judge_requests(item, mode, template=0, seed=0):
+            assert r.prompt.images == [ImageRef("/d/q.png")]
+            assert r.prompt.messages[-1]["content"][0] == {"type": "image", "image": "/d/q.png"}
+            assert "image" in r.prompt.messages[-1]["content"][1]["text"].lower()  # the image phrasing
+
+
 def test_labelled_judgment_records_are_checked_like_recycled_tasks(verifier):
     item = JudgmentItem("j", Prompt("j", [{"role": "user", "content": "Is 5 right?"}], "No", kind=TaskKind.POINTWISE))
     (req,) = scoring.judge_requests(item, "pairwise", 0, 0)
