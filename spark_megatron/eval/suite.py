@@ -29,6 +29,8 @@ REFERENCE_INSTRUCTION = ("Please first conduct reasoning, and then answer the qu
 sentence appended to every question (the models were trained with it)."""
 
 KINDS = ("answer", "judgment")
+EXECUTION_KEYS = ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes")
+"""Engine settings that do not change the results (kept out of the suite fingerprint)."""
 JUDGE_MODES = ("pairwise", "pointwise")
 
 
@@ -128,8 +130,14 @@ class Suite:
         return dataclasses.asdict(self)
 
     def fingerprint(self, data_hashes: Optional[dict] = None) -> str:
-        """Hash of everything that decides the results (settings, dataset specs and, if given, file hashes)."""
-        blob = json.dumps({"suite": self.to_dict(), "data": data_hashes or {}}, sort_keys=True)
+        """Hash of everything that decides the results (settings, dataset specs and, if given, file hashes).
+        How the work is executed (batch size, GPUs per engine, memory, verifier workers) is left out: a
+        preempted job may resume with other resources."""
+        suite = self.to_dict()
+        for key in EXECUTION_KEYS:
+            suite["engine"].pop(key, None)
+        suite.pop("verify_workers", None)
+        blob = json.dumps({"suite": suite, "data": data_hashes or {}}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

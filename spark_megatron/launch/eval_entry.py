@@ -35,12 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    from spark_megatron.checkpoint.launcher import USER_ERRORS
+def _user_error(e: Exception) -> bool:
+    """Bad input (suite, data, model, OUT) rather than a bug. Checkpoint errors are looked up only here: their
+    module imports torch, which a mistyped flag should not wait for."""
     from spark_megatron.config import ConfigError
     from spark_megatron.data.records import DataError
     from spark_megatron.eval.model import ModelError
     from spark_megatron.eval.output import EvalStateError
+
+    if isinstance(e, (ConfigError, DataError, ModelError, EvalStateError)):
+        return True
+    if "spark_megatron.checkpoint.launcher" in sys.modules:
+        return isinstance(e, sys.modules["spark_megatron.checkpoint.launcher"].USER_ERRORS)
+    return False
+
+
+def main(argv=None) -> int:
     from spark_megatron.eval.suite import load_suite
 
     args = build_parser().parse_args(argv)
@@ -52,7 +62,9 @@ def main(argv=None) -> int:
 
         summary = evaluate(args.model, suite, args.output, force=args.force, progress=not args.no_progress,
                            export_tp=args.export_tp, export_pp=args.export_pp)
-    except (ConfigError, DataError, ModelError, EvalStateError, *USER_ERRORS) as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pathlib import Path

@@ -127,6 +127,10 @@ def test_a_changed_suite_or_model_is_refused_unless_forced(tmp_path):
     script = {f"{i}+1": (_right(i), [], []) for i in range(3)}
     out = tmp_path / "out"
     evaluate(model, load_suite(suite_path), out, make_generator=lambda hf: Scripted(script), progress=False)
+    resumed = Scripted(script)  # other resources, same evaluation: continues (nothing left to do here)
+    evaluate(model, load_suite(suite_path, ["engine.batch_size=1", "engine.tensor_parallel_size=2"]), out,
+             make_generator=lambda hf: resumed, progress=False)
+    assert resumed.calls == 0
     with pytest.raises(EvalStateError, match="another suite"):
         evaluate(model, load_suite(suite_path, ["decoding.max_tokens=8"]), out,
                  make_generator=lambda hf: Scripted(script), progress=False)
