@@ -57,6 +57,9 @@ def hf_directory(source: ModelSource, tp: int = 1, pp: int = 1, workdir: Optiona
         return
     from spark_megatron.checkpoint.hf_export import export_megatron_to_hf
 
+    if not any(Path(source.path).glob("tokenizer*")):
+        raise ModelError(f"{source.path}: the Megatron checkpoint has no tokenizer files (tokenizer*.json, "
+                         f"chat_template*); copy them from the HF model it was trained from")
     tmp = Path(tempfile.mkdtemp(prefix="spark_eval_hf_", dir=workdir))
     try:
         out = tmp / "hf"
