@@ -95,6 +95,8 @@ def cmd_judgments(args) -> None:
                                      "answer": s.ground_truth, "subset": TaskKind(s.kind).value})
         finally:
             engine.shutdown()
+    if not rows:
+        raise SystemExit("error: the held-out rollouts gave no judgment tasks (no boxed answers: warm up longer)")
     (out / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     kinds = {k: sum(r["subset"] == k for r in rows) for k in ("pointwise", "pairwise")}
     yes = sum(r["answer"] == "Yes" for r in rows)

@@ -49,5 +49,5 @@ def evaluate(model: str, suite, out, force: bool = False, progress: bool = True,
             stack.callback(getattr(engine, "shutdown", lambda: None))
             return EngineGenerator(engine, suite.decoding)
 
-        label = Path(source.path).name
+        label = Path(model).absolute().name  # the run / checkpoint name the user gave, for the table's row
         return Evaluation(suite, loaded, outdir, generator, verifier, model=label, progress=progress).run()
