@@ -231,3 +231,17 @@ def test_a_format_cannot_take_the_wrong_kind_and_limits_apply(tmp_path):
         validate(Suite(datasets=[DatasetSpec("rb", "x", "rewardbench2", "answer")]))
     rows = [{"id": i, "problem": f"{i}?", "answer": i} for i in range(5)]
     assert [i.id for i in _load(tmp_path, "amc", rows, limit=2).items] == ["0", "1"]
+
+
+def test_generic_preference_rows(tmp_path):
+    _png(tmp_path / "p.png")
+    rows = [{"prompt": "Which is right?", "chosen": "A is", "rejected": ["B is", "C is"], "image": "p.png",
+             "subset": "mine"},
+            {"question": "2+2?", "chosen": ["4"], "rejected": "5"},
+            {"chosen": "x", "rejected": "y"}]
+    ld = _load(tmp_path, "preference", rows, kind="judgment")
+    a, b = ld.items
+    assert (a.id, a.chosen, a.rejected, a.subset) == ("0", ["A is"], ["B is", "C is"], "mine")
+    assert a.question.images[0].path == str(tmp_path / "p.png")
+    assert (b.id, _user_text(b), b.question.images) == ("1", "2+2?", [])
+    assert ld.report.skipped == {"missing_field": 1} and "record 2: field 'question'" in ld.report.examples[0]
