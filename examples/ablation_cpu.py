@@ -10,7 +10,8 @@ data: splits the task's distinct questions (a + b, a - b with operands 0..5) int
 judgments: held-out judgment tasks built from held-out rollouts: a fixed model (the warmed-up model every method
   starts from) samples n responses per held-out question on vLLM, the training verifier labels them, and the
   training's recycle builder turns each group into a pointwise or pairwise judgment task (the same rules and
-  templates as training), over several rounds of sampling. Written as spark-format judgment records.
+  templates as training), over several rounds of sampling; pointwise tasks are balanced to as many Yes as No
+  labels. Written as spark-format judgment records.
 report: reads every run's OUT/summary.json and writes the table (mean, std and per-seed values) and the plot.
 """
 from __future__ import annotations
@@ -97,10 +98,26 @@ def cmd_judgments(args) -> None:
             engine.shutdown()
     if not rows:
         raise SystemExit("error: the held-out rollouts gave no judgment tasks (no boxed answers: warm up longer)")
+    if args.balance:
+        rows = balanced(rows, args.seed)
     (out / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     kinds = {k: sum(r["subset"] == k for r in rows) for k in ("pointwise", "pairwise")}
     yes = sum(r["answer"] == "Yes" for r in rows)
     print(f"{len(rows)} held-out judgment tasks ({kinds}, {yes} labelled Yes) -> {out / 'judgments.jsonl'}")
+
+
+def balanced(rows: list, seed: int) -> list:
+    """Equal numbers of Yes and No pointwise tasks (a weak model's rollouts are mostly wrong, and a judge that
+    always says No should not score high); pairwise tasks are kept (their A/B order is already a fair coin)."""
+    yes = [r for r in rows if r["answer"] == "Yes"]
+    no = [r for r in rows if r["answer"] == "No"]
+    k = min(len(yes), len(no))
+    if k == 0:
+        print("warning: pointwise labels are all one verdict; the set stays unbalanced", file=sys.stderr)
+        return rows
+    rng = random.Random(seed)
+    keep = {id(r) for r in rng.sample(yes, k) + rng.sample(no, k)}
+    return [r for r in rows if r["subset"] == "pairwise" or id(r) in keep]
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -177,6 +194,8 @@ def main(argv=None) -> int:
     j.add_argument("--n", type=int, default=8)
     j.add_argument("--rounds", type=int, default=8)
     j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--no-balance", dest="balance", action="store_false",
+                   help="keep every pointwise task (default: as many Yes as No labels)")
     r = sub.add_parser("report")
     r.add_argument("--root", required=True)
     r.add_argument("--docs", default="docs")

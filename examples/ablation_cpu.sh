@@ -12,7 +12,8 @@
 #   2. per seed, one supervised warm-up (WARMUP steps, as the quickstart) on the training questions; its model
 #      snapshot is the start (and KL reference) of all three methods of that seed, so they differ only in RL.
 #   3. held-out judgment tasks: the seed-1 warm-up model samples 8 responses per held-out question (8 rounds),
-#      the verifier labels them and the training's recycle builder makes pointwise/pairwise judgment tasks.
+#      the verifier labels them and the training's recycle builder makes pointwise/pairwise judgment tasks
+#      (pointwise tasks balanced to as many Yes as No labels).
 #   4. per seed and method, STEPS RL steps (optim.lr=RL_LR: the learning rate the quickstart's single schedule
 #      has reached when RL starts), then `spark-megatron eval` on the held-out suite.
 #   5. report: docs/ablation_table.md and docs/ablation.png.
