@@ -149,16 +149,29 @@ def cmd_report(args) -> None:
     lines = [head, "|---|" + "---|" * len(datasets)]
     for m in METHODS:
         lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(res[m][d]) for d in datasets) + " |")
+    floor = constant_judge(root / "data" / "judgments.jsonl")
     note = (f"Accuracy in % on held-out tasks, mean ± sample std over seeds {seeds} (per-seed values in "
-            f"parentheses), greedy decoding, each run evaluated with `spark-megatron eval`.")
+            f"parentheses), greedy decoding, each run evaluated with `spark-megatron eval`. A judge that gives "
+            f"the same verdict to every task (the best of always A/B x always Yes/No) scores {100 * floor:.1f} "
+            f"on the held-out judgments.")
     table = "\n".join(lines) + "\n\n" + note + "\n"
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "ablation_table.md").write_text(table)
-    plot(res, datasets, seeds, docs / "ablation.png")
+    plot(res, datasets, seeds, docs / "ablation.png", {d: floor for d in datasets if "judg" in d})
     print(table)
 
 
-def plot(res: dict, datasets: list, seeds: list, path: Path) -> None:
+def constant_judge(path: Path) -> float:
+    """Accuracy of the best constant judge (always A or B on pairwise, always Yes or No on pointwise tasks)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    best = 0
+    for pair in "AB":
+        for point in ("Yes", "No"):
+            best = max(best, sum(r["answer"] in (pair, point) for r in rows))
+    return best / len(rows)
+
+
+def plot(res: dict, datasets: list, seeds: list, path: Path, floors: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,6 +186,9 @@ def plot(res: dict, datasets: list, seeds: list, path: Path) -> None:
             ax.bar(i, mean, yerr=sd, capsize=4, color=("tab:gray", "tab:blue", "tab:orange")[i], alpha=0.75)
             ax.plot([i] * len(vals), vals, "k.", ms=5)
         ax.set_xticks(range(len(METHODS)), [LABELS[m].replace(" (", "\n(") for m in METHODS], fontsize=8)
+        if d in floors:
+            ax.axhline(100 * floors[d], ls="--", color="k", lw=1, label="constant verdict")
+            ax.legend(loc="lower right", fontsize=7)
         ax.set_title(d)
         ax.set_ylabel("accuracy (%)")
     fig.suptitle(f"held-out accuracy, mean ± std over seeds {seeds} (dots: seeds)", fontsize=9)
