@@ -49,7 +49,8 @@ def counting_comparator(prediction, ground_truth):
 
 def test_verdict_fields_and_reward():
     v = Verifier()
-    assert v.verify(r"so \boxed{\frac{6}{4}}", "1.5").correct
+    assert v.verify(r"so \boxed{\frac{3}{2}}", "1.5").correct
+    assert not v.verify(r"so \boxed{\frac{6}{4}}", "1.5").correct  # a computation of 1.5, not the number
     verdict = v.verify(r"I think \boxed{2}", "3")
     assert (verdict.extracted, verdict.correct, verdict.reward, verdict.timed_out) == ("2", False, 0.0, False)
     verdict = v.verify("no box at all: 3", "3")
@@ -96,8 +97,8 @@ def test_from_config():
 
 
 def test_pool_cuts_off_pathological_input_and_finishes_the_rest():
-    good = [(rf"\boxed{{\frac{{{i}}}{{2}}}}", str(i / 2)) for i in range(1, 7)]
-    batch = good[:3] + [(PATHOLOGICAL, "1")] + good[3:] + [(r"\boxed{x^2-1}", "(x-1)(x+1)")]
+    good = [(rf"\boxed{{\frac{{{2 * i + 1}}}{{2}}}}", str(i + 0.5)) for i in range(1, 7)]
+    batch = good[:3] + [(PATHOLOGICAL, "10^{3}")] + good[3:] + [(r"\boxed{x^2-1}", "(x-1)(x+1)")]
     with Verifier(timeout_s=1.0, num_workers=2) as v:
         t0 = time.monotonic()
         out = v.verify_batch(batch)
