@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from spark_megatron.algo import grpo_advantages
+from spark_megatron.algo import ADVANTAGE_ESTIMATORS, compute_advantages
 from spark_megatron.types import RolloutGroup, TaskKind
 
 _JUDGE_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
@@ -21,6 +21,7 @@ class SequenceBuilder:
 
     def __init__(self, tokenizer, algo_cfg, rollout_cfg, image_preprocessor=None):
         self.tokenizer, self.algo, self.rollout = tokenizer, algo_cfg, rollout_cfg
+        ADVANTAGE_ESTIMATORS.get(algo_cfg.adv_estimator)  # an unknown algorithm.adv_estimator fails here, named
         self.image_preprocessor = image_preprocessor
         self._vision_ids = None
 
@@ -52,11 +53,12 @@ class SequenceBuilder:
         return ids, lps
 
     def advantages(self, groups: list) -> list:
-        """One [n] advantage tensor per group (groups may differ in size when some rollouts failed)."""
+        """One [n] advantage tensor per group (groups may differ in size when some rollouts failed), from the
+        estimator named by algorithm.adv_estimator."""
         out = []
         for g in groups:
             rewards = torch.tensor([g.rewards], dtype=torch.float64)  # [1, n]
-            adv = grpo_advantages(rewards, eps=self.algo.adv_eps, unbiased=self.algo.adv_std_unbiased)
+            adv = compute_advantages(rewards, self.algo)
             out.append(adv[0].float())
         return out
 
