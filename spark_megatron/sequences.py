@@ -5,6 +5,7 @@ import torch
 
 from spark_megatron.algo import ADVANTAGE_ESTIMATORS, compute_advantages
 from spark_megatron.types import RolloutGroup, TaskKind
+from spark_megatron.verify.perception import perception_metrics
 
 _JUDGE_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
 
@@ -98,7 +99,8 @@ def _mean(xs):
 
 
 def group_metrics(groups: list, prefix: str = "") -> dict:
-    """Accuracy per task kind (policy, judge = pointwise+pairwise, reflection), lengths, all-same groups."""
+    """Accuracy per task kind (policy, judge = pointwise+pairwise, reflection), lengths, all-same groups, and the
+    Vision-SR1 perception metrics where rollouts have them."""
     by_kind: dict = {}
     for g in groups:
         by_kind.setdefault(g.prompt.kind, []).append(g)
@@ -122,6 +124,7 @@ def group_metrics(groups: list, prefix: str = "") -> dict:
     for kind in (TaskKind.POINTWISE, TaskKind.PAIRWISE, TaskKind.REFLECTION):
         if kind in by_kind:
             out[f"{prefix}{kind.value}/accuracy"] = acc(by_kind[kind])
+    out.update({prefix + k: v for k, v in perception_metrics(groups).items()})
     return out
 
 
