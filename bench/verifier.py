@@ -15,6 +15,7 @@ import argparse
 import importlib
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,21 +103,24 @@ def load_baseline(rev: str, where: Path):
     return importlib.import_module("_baseline_verify")
 
 
-def compare(current: Verifier, baseline, workloads: dict, rounds: int = 5) -> list:
-    """Rows (workload, items, best current s, best baseline s, throughput ratio, same verdicts), timing the two
-    in alternation. In-process, so the process's CPU time is the work done: on a shared machine wall time
-    mostly measures the other processes."""
+def compare(current: Verifier, baseline, workloads: dict, rounds: int = 7) -> list:
+    """Rows (workload, items, median current s, median baseline s, median of the per-round throughput ratios,
+    same verdicts). Each round times both back to back, in alternating order. In-process, so the process's CPU
+    time is the work done: on a shared machine wall time mostly measures the other processes."""
     rows = []
     for name, items in workloads.items():
-        best = {"current": float("inf"), "baseline": float("inf")}
+        times = {"current": [], "baseline": []}
         verdicts = {}
-        for _ in range(rounds):
-            for label, v in (("current", current), ("baseline", baseline)):
+        for r in range(rounds):
+            pair = (("current", current), ("baseline", baseline))
+            for label, v in (pair if r % 2 == 0 else pair[::-1]):
                 out, _, cpu = timed(v, items)
-                best[label] = min(best[label], cpu)
+                times[label].append(cpu)
                 verdicts[label] = [o.correct for o in out]
+        ratios = sorted(b / c for c, b in zip(times["current"], times["baseline"]))
         same = verdicts["current"] == verdicts["baseline"]
-        rows.append((name, len(items), best["current"], best["baseline"], best["baseline"] / best["current"], same))
+        rows.append((name, len(items), statistics.median(times["current"]), statistics.median(times["baseline"]),
+                     ratios[len(ratios) // 2], same))
     return rows
 
 
@@ -164,7 +168,7 @@ def main() -> int:
         if old is not None:
             baseline = old.Verifier(timeout_s=args.timeout, num_workers=0)
             timed(baseline, warm)
-            workloads = {"math-verify items": items, "RL batch (64 prompts x 8)": rl_batch(64)}
+            workloads = {"math-verify items": items, "RL batch (256 prompts x 8)": rl_batch(256)}
             versus = compare(single, baseline, workloads)
             # the earlier verifier passes hedges, so only the hedge-free math workload must agree verdict by verdict
             ok &= versus[0][5]
@@ -199,7 +203,7 @@ def main() -> int:
           f"{t_bad:.2f} s, timed_out={bad.timed_out}, correct={bad.correct}, other {len(batch) - 1} items "
           f"correct as expected: {rest_ok}, workers restarted: {pool.pool_restarts}")
     if old is not None:
-        print(f"\ncurrent verifier vs {args.baseline_rev} (in-process CPU seconds, best of 5 alternating rounds):")
+        print(f"\ncurrent verifier vs {args.baseline_rev} (in-process CPU seconds, median of 7 alternating rounds):")
         print(f"{'workload':28} {'items':>6} {'current s':>10} {'baseline s':>11} {'throughput ratio':>17} "
               f"{'same verdicts':>14}")
         for name, n, t_cur, t_old, ratio, same in versus:
