@@ -225,3 +225,36 @@ def test_kl_clamps_the_log_ratio_before_exp():
     assert lp.grad[0, 0].item() == 0.0
     assert lp.grad[0, 1].item() == pytest.approx(float(1 - torch.exp(d)), rel=1e-6)
     assert kl_penalty(torch.tensor([[-1e30]]), torch.tensor([[0.0]]), "k1").item() == -20.0
+
+
+def test_sequence_builder_uses_the_configured_advantage_estimator():
+    from spark_megatron.config import RolloutConfig
+    from spark_megatron.sequences import SequenceBuilder
+    from spark_megatron.types import Prompt, Rollout, RolloutGroup, Verdict
+
+    prompt = Prompt(uid="p", messages=[], ground_truth="1")
+    group = RolloutGroup(prompt, [Rollout(prompt, [], [], "", verdict=Verdict(None, bool(r), float(r)))
+                                  for r in (1, 0, 0, 1)])
+    mean_only = SequenceBuilder(None, AlgorithmConfig(adv_estimator="grpo_mean_only"), RolloutConfig())
+    assert mean_only.advantages([group])[0].tolist() == [0.5, -0.5, -0.5, 0.5]
+    grpo = SequenceBuilder(None, AlgorithmConfig(adv_estimator="grpo"), RolloutConfig())
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    assert grpo.advantages([group])[0].tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std])
+    with pytest.raises(KeyError, match="grpo_mean_only"):
+        SequenceBuilder(None, AlgorithmConfig(adv_estimator="grpo_mean"), RolloutConfig())
+
+
+def test_minibatch_order_is_a_seeded_shuffle_that_can_be_turned_off():
+    from types import SimpleNamespace
+
+    from spark_megatron.config import OptimConfig
+    from spark_megatron.train.actor import Actor
+
+    def order(shuffle=True, seed=1, steps_done=0, n=12):
+        actor = SimpleNamespace(optim_cfg=OptimConfig(shuffle_minibatches=shuffle), seed=seed, steps_done=steps_done)
+        return Actor.minibatch_order(actor, n)
+
+    assert sorted(order()) == list(range(12)) and order() != list(range(12))
+    assert order() == order()  # the same on every rank, and after a resume (steps_done is checkpointed)
+    assert order(steps_done=8) != order() and order(seed=2) != order()
+    assert order(shuffle=False) == list(range(12))
