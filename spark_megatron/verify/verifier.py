@@ -3,12 +3,14 @@
 The rule, one for every task kind (policy answers, Yes/No and A/B judgments, reflections):
 
     A response is correct when it commits to exactly one final answer and that answer is the ground truth.
-    It commits to every non-empty \\boxed{} it writes, and, where the ground truth is an option (Yes/No, or a
-    letter A-J), to every option a box names. So every box must be equivalent to the ground truth, and no box
-    may name an option other than the right one.
+    It commits to every non-empty \\boxed{} it writes; where the ground truth is an option (Yes/No, or a letter
+    A-J), to every option a box names; where the ground truth is a number, to a number only if a box states
+    one (a computation that equals it, "12 + 7", has not answered yet). So every box must be equivalent to the
+    ground truth, name no other option, and state the number itself.
 
 Hence hedges are wrong: "B, C", "A or B", "A and C", "Yes or No", a box per option, two different boxed
-answers, a box around a prompt's list of options. The same answer boxed twice is still one answer. Form stays
+answers, a box around a prompt's list of options or its own text, the question's arithmetic copied into the box.
+The same answer boxed twice (in any two equivalent forms) is still one answer. Form stays
 free: "(B)", "B", "B. 102", "option b", "\\text{Yes}", "yes.", "50\\%" for 0.5, "\\frac{1}{2}" for 0.5; a ground truth
 "D. 12" accepts the label ("D") or the value ("12"). What counts as equivalent, and how options are named, is in
 `equivalence.route` and `choice.named_options`.
@@ -32,6 +34,7 @@ class VerifyRequest:
     response_text: str
     ground_truth: str
     kind: TaskKind = TaskKind.POLICY
+    """The task kind; the rule is the same for every kind (kept for callers that group verdicts by kind)."""
 
 
 def format_score(response_text: str) -> float:
