@@ -34,6 +34,9 @@ class ModelConfig:
     """VL models: keep the vision encoder frozen (no grads, no optimizer state)."""
     recompute_activations: bool = False
     """Full activation recomputation per layer (saves memory at ~30% extra compute)."""
+    reference_offload: bool = False
+    """Keep the frozen reference model's weights in host memory between its logprob passes (moved to the GPU for
+    each pass): frees a model's worth of GPU memory for one host->device copy per step. No effect without CUDA."""
 
 
 @dataclass
@@ -160,6 +163,10 @@ class OptimConfig:
     """Sequences per micro-batch in the actor's forward/backward."""
     train_batch_size: int = 64
     """Sequences per optimizer step (the rollouts of a step are split into such mini-batches)."""
+    shuffle_minibatches: bool = True
+    """Shuffle the step's sequences (seeded by the run seed and the optimizer step) before cutting them into
+    mini-batches, as the reference's data loader does; False keeps group order (a mini-batch then holds whole
+    prompt groups)."""
 
 
 @dataclass

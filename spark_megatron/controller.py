@@ -18,6 +18,7 @@ from spark_megatron.recycle import RecycleBuilder, RecycleQueue, RecycleSchedule
 from spark_megatron.run_state import RunState
 from spark_megatron.sequences import SequenceBuilder, group_metrics
 from spark_megatron.types import RolloutGroup
+from spark_megatron.verify.perception import PerceptionReward
 
 
 class StageTimer:
@@ -74,6 +75,7 @@ class SparkTrainer:
         self.scheduler = RecycleScheduler(rc, cfg.data.prompts_per_step)
         self.sequences = SequenceBuilder(self.roles.tokenizer, cfg.algorithm, cfg.rollout,
                                          image_preprocessor=self.roles.image_preprocessor())
+        self.perception = PerceptionReward(cfg.algorithm, self.roles.verifier, self.roles.sampling)
         self.state = RunState(cfg, self.roles, self.queue, self.is_driver)
         self.tokens = TokenCounter()
 
@@ -104,9 +106,12 @@ class SparkTrainer:
         groups = None
         if self.is_driver:
             with timer("rollout"):
-                groups = self.roles.engine.generate(prompts, self.roles.sampling)
+                groups = self.roles.engine.generate(self.perception.prompts(prompts), self.roles.sampling)
             with timer("verify"):
                 self._verify(groups)
+            if self.perception.enabled:  # Vision-SR1: text-only follow-ups from the descriptions
+                with timer("perception"):
+                    self.perception.apply(groups, self.roles.engine.generate)
         groups = broadcast(groups)
         self.tokens.generated += sum(len(r.response_token_ids) for g in groups for r in g.rollouts)
         return groups

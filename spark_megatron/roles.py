@@ -91,10 +91,13 @@ def build_roles(cfg: RunConfig, hf_dir: str, is_driver: bool) -> Roles:
 
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    actor = Actor(cfg.model, cfg.parallel, cfg.optim, hf_dir, total_steps=_optimizer_steps(cfg))
+    temperature = sampling_temperature(cfg.rollout)
+    actor = Actor(cfg.model, cfg.parallel, cfg.optim, hf_dir, total_steps=_optimizer_steps(cfg),
+                  logit_temperature=temperature, seed=cfg.seed)
     reference = None
     if cfg.algorithm.kl_coef > 0:
-        reference = ReferenceModel(cfg.model, cfg.parallel, hf_dir, micro_batch_size=cfg.optim.micro_batch_size)
+        reference = ReferenceModel(cfg.model, cfg.parallel, hf_dir, micro_batch_size=cfg.optim.micro_batch_size,
+                                   offload=cfg.model.reference_offload, logit_temperature=temperature)
     engine = build_engine(cfg.rollout, hf_dir, seed=cfg.seed, dtype=cfg.model.params_dtype) if is_driver else None
     verifier = Verifier.from_config(cfg.algorithm) if is_driver else None
     r = cfg.rollout
@@ -103,6 +106,12 @@ def build_roles(cfg: RunConfig, hf_dir: str, is_driver: bool) -> Roles:
     sampling = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_tokens,
                             seed=None)
     return Roles(cfg, tokenizer, actor, reference, engine, verifier, sampling)
+
+
+def sampling_temperature(rollout_cfg) -> float:
+    """The temperature the trainer divides logits by, so that actor and reference logprobs are those of the
+    distribution the engine sampled from (greedy rollouts, temperature 0, are scored at 1)."""
+    return rollout_cfg.temperature if rollout_cfg.temperature > 0 else 1.0
 
 
 def _optimizer_steps(cfg: RunConfig) -> int:

@@ -17,7 +17,7 @@ class RunState:
     def __init__(self, cfg: RunConfig, roles, queue, is_driver: bool):
         self.cfg, self.roles, self.queue, self.is_driver = cfg, roles, queue, is_driver
         loaded = load_prompts(cfg.data.train_files, on_bad_record=cfg.data.on_bad_record,
-                              image_max_pixels=cfg.data.image_max_pixels)
+                              image_max_pixels=cfg.data.image_max_pixels, image_min_pixels=cfg.data.image_min_pixels)
         if is_driver and loaded.report.skipped:
             print(loaded.report.summary())
         self.prompts = loaded.prompts

@@ -1,7 +1,10 @@
 """Supervised warm-up of the quickstart: a few steps of next-token training on ground-truth answers so a tiny
 random model produces parseable `\\boxed{}` answers and verdicts before RL starts (otherwise every reward is 0
 and GRPO has no signal). Judge and reflection examples are built by the real recycle builder from synthetic
-groups (the true answer and perturbed wrong ones), so the warm-up teaches the format of every task kind.
+groups (the true answer and perturbed wrong ones), so the warm-up teaches the format of every task kind. With the
+Vision-SR1 reward on, image prompts are taught its layout (the ground truth standing in for the description, as
+a format teacher) and the text-only follow-up asked from a description, so the perception step has something to
+grade from the first RL step.
 """
 from __future__ import annotations
 
@@ -40,10 +43,22 @@ def _synthetic_group(prompt, rng: random.Random) -> RolloutGroup:
     return group
 
 
+def _policy_examples(prompt, cfg) -> list:
+    """(Prompt, target) for a policy prompt: the boxed answer, or Vision-SR1's layout and its follow-up."""
+    from spark_megatron.verify import perception as sr1
+
+    gt = prompt.ground_truth
+    if cfg.algorithm.perception_reward_weight <= 0 or not sr1.eligible(prompt):
+        return [(prompt, f"\\boxed{{{gt}}}")]
+    layout = f"<description>{gt}</description> <think>{gt}</think> \\boxed{{{gt}}}"
+    return [(sr1.with_format_instruction(prompt), layout),
+            (sr1.perception_prompt(prompt, gt), f"<think>{gt}</think> \\boxed{{{gt}}}")]
+
+
 def warmup_examples(prompts: list, cfg, step: int, count: int, rng: random.Random) -> list:
     """(Prompt, target text) pairs: policy answers plus judge/reflection tasks with their labels."""
     picked = rng.sample(prompts, min(count, len(prompts)))
-    out = [(p, f"\\boxed{{{p.ground_truth}}}") for p in picked]
+    out = [ex for p in picked for ex in _policy_examples(p, cfg)]
     # reward-task examples even when recycling is off: a GRPO baseline then starts from the same weights as the
     # SPARK run it is compared with
     builder = RecycleBuilder(dataclasses.replace(cfg.algorithm.recycle, enabled=True), seed=cfg.seed + 7919 * step)

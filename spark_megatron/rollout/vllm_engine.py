@@ -85,8 +85,11 @@ class VLLMEngine(WeightVersioning):
 
         max_len = self.cfg.max_prompt_tokens + self.cfg.max_response_tokens
         max_len = min(max_len, self._hf_cfg.get("max_position_embeddings", max_len))
+        # processed_logprobs: a rollout's logprobs are those of the distribution it was sampled from (logits /
+        # temperature, as the trainer scores them); vLLM's default (raw_logprobs) is the untempered model
         kw = dict(model=self.hf_dir, dtype=dtype, seed=seed, tensor_parallel_size=self.cfg.tensor_parallel_size,
-                  enforce_eager=self.cfg.enforce_eager or not _cuda(), max_model_len=max_len)
+                  enforce_eager=self.cfg.enforce_eager or not _cuda(), max_model_len=max_len,
+                  logprobs_mode="processed_logprobs")
         if _cuda():
             kw.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization, enable_sleep_mode=True)
             if self.cfg.tensor_parallel_size > 1 and self.placement == "standalone":

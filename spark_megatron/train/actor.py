@@ -246,12 +246,13 @@ class Actor(_LogprobRunner):
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, hf_dir: Optional[str] = None, total_steps: int = 1,
                  logprob_micro_batch_size: Optional[int] = None, logit_temperature: float = 1.0,
-                 overlap_grad_reduce: bool = False, cache_images: bool = True):
+                 overlap_grad_reduce: bool = False, cache_images: bool = True, seed: int = 0):
         super().__init__(model_cfg, parallel_cfg, hf_dir, logprob_micro_batch_size or optim_cfg.micro_batch_size,
                          logit_temperature, cache_images)
         from spark_megatron.train.optimizer import build_optimizer, build_scheduler, lr_schedule
 
         self.optim_cfg = optim_cfg
+        self.seed = int(seed)
         self.total_steps = int(total_steps)
         vl_inputs.check_overlap(self.vl, getattr(model_cfg, "freeze_vision", False), overlap_grad_reduce)
         self._overlap = bool(overlap_grad_reduce)
@@ -299,7 +300,8 @@ class Actor(_LogprobRunner):
     # ------------------------------------------------------------------------------------------ training
     @image_scoped
     def train_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
-        """One RL update over `seqs`: mini-batches of optim.train_batch_size sequences, one optimizer step each.
+        """One RL update over `seqs`: mini-batches of optim.train_batch_size sequences (cut in `minibatch_order`),
+        one optimizer step each.
 
         Missing old_logprobs are computed for all sequences before the first update when there is more than
         one mini-batch (with a single mini-batch they stay absent: on-policy, ratio 1). Returns the mean of the
@@ -308,13 +310,24 @@ class Actor(_LogprobRunner):
         """
         seqs = list(seqs)
         self._validate(seqs)
-        minis = batching.split_minibatches(len(seqs), self.optim_cfg.train_batch_size)
+        order = self.minibatch_order(len(seqs))
+        cuts = batching.split_minibatches(len(seqs), self.optim_cfg.train_batch_size)
+        minis = [[order[i] for i in m] for m in cuts]
         if len(minis) > 1 and any(s.old_logprobs is None for s in seqs):
             missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
             for i, lp in zip(missing, self.compute_logprobs([seqs[i] for i in missing])):
                 seqs[i] = dataclasses.replace(seqs[i], old_logprobs=lp)
         per_step = [self.optimizer_step([seqs[i] for i in m], loss_fn, with_entropy) for m in minis]
         return merge_step_metrics(per_step)
+
+    def minibatch_order(self, n: int) -> list:
+        """The order in which `train_step` cuts n sequences into mini-batches: a permutation seeded by the run seed
+        and the optimizer steps done so far (the same on every rank, and again after a resume, which restores
+        steps_done), or 0..n-1 with optim.shuffle_minibatches off."""
+        if not self.optim_cfg.shuffle_minibatches or n < 2:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done)
+        return torch.randperm(n, generator=g).tolist()
 
     @image_scoped
     def optimizer_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
