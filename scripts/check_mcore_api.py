@@ -71,6 +71,9 @@ class Source:
             self.version = Path(where).name.split("-")[1]
         else:
             self._root = Path(where)
+            if not (self._root / "megatron" / "core").is_dir():
+                raise SystemExit(f"error: {where} holds no megatron/core (pass a megatron-core wheel or the "
+                                 "directory it was installed into)")
             meta = sorted(self._root.glob("megatron_core-*.dist-info"))
             self.version = meta[-1].name.split("-")[1] if meta else "?"
         self._trees: dict = {}
@@ -247,9 +250,9 @@ def _dict_keys(func: ast.AST, name: str) -> set:
     return keys
 
 
-def check_file(src: Source, path: Path) -> list:
+def check_file(src: Source, path: Path, root: Path = REPO) -> list:
     tree = ast.parse(path.read_text(), str(path))
-    rel = str(path.relative_to(REPO))
+    rel = str(path.relative_to(root))
     out, aliases = [], {}  # local name -> (module, attribute or None)
     parents = {}
     for node in ast.walk(tree):
@@ -322,13 +325,15 @@ def check_members(src: Source) -> list:
     return out
 
 
-def run(where: str | None) -> tuple:
+def run(where: str | None, root: Path = REPO, members: bool = True) -> tuple:
+    """(megatron-core version, findings) for every .py file under root's SCANNED folders."""
     src = Source(where)
     findings = []
     for top in SCANNED:
-        for path in sorted((REPO / top).rglob("*.py")):
-            findings += check_file(src, path)
-    findings += check_members(src)
+        for path in sorted((root / top).rglob("*.py")):
+            findings += check_file(src, path, root)
+    if members:
+        findings += check_members(src)
     return src.version, findings
 
 

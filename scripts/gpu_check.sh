@@ -3,35 +3,39 @@
 # an earlier one failed; results in OUT/gpu_check.json (+ gpu_check.txt, gpu_check_logs.txt).
 #
 #   bash scripts/gpu_check.sh WHEEL_DIR [--out DIR]   accelerator machine / cluster node (CUDA GPU; no network)
+#   bash scripts/gpu_check.sh --installed [--out DIR] a CUDA machine whose Python already has megatron-core
 #   bash scripts/gpu_check.sh --dry-run [--out DIR]   CPU: wheel list vs imports, tiny benchmark, schema (CI)
 #
 # WHEEL_DIR holds the wheels of scripts/gpu_wheels.txt (bash scripts/fetch_gpu_wheels.sh DIR); they are
 # installed into a private --target directory, never into the machine's Python. OUT defaults to $OUT (the
 # device tool's output folder), else ./gpu_check_out. PYTHON overrides the interpreter (default python3;
-# the dry run prefers .venv/bin/python). Steps (time boxes in seconds, about 8.5 minutes in all):
-#   install          pip install the carried wheels (--no-index --no-deps)                      60
-#   d_imports        scripts/gpu_imports.py: every import of the GPU paths is provided             60
-#   d_mcore_api      scripts/check_mcore_api.py against the installed megatron-core                30
-#   a_gpu_tests      pytest -m gpu (CUDA parity vs HF, actor on GPU, weight sync vs memcpy)        150
-#   b_actor_1.5b     bench/actor_step.py --model qwen2.5-1.5b (28 layers)                          105
-#   b_actor_7b       bench/actor_step.py --model qwen2.5-7b --layers 8                             115
-#   c_planner        scripts/gpu_report.py plan: `spark-megatron plan` vs the measured memory       25
-#   d_mcore_cpu      actor / conversion / reshard tests on megatron-core 0.19 over gloo (GPU hidden) 90
+# the dry run prefers .venv/bin/python). Steps (time boxes in seconds, 530 in all, so the whole check ends
+# within 9 minutes whatever happens):
+#   install          pip install the carried wheels (--no-index --no-deps)                      30
+#   d_imports        scripts/gpu_imports.py: every import of the GPU paths is provided             45
+#   d_mcore_api      scripts/check_mcore_api.py against the installed megatron-core                20
+#   a_gpu_tests      pytest -m gpu (CUDA parity vs HF, actor on GPU, weight sync vs memcpy)        120
+#   b_actor_1.5b     bench/actor_step.py --model qwen2.5-1.5b (28 layers)                          100
+#   b_actor_7b       bench/actor_step.py --model qwen2.5-7b --layers 8                             120
+#   c_planner        scripts/gpu_report.py plan: `spark-megatron plan` vs the measured memory       20
+#   d_mcore_cpu      conversion / reshard / actor tests at TP2 x PP2 on megatron-core 0.19 over      75
+#                    gloo (GPU hidden: one GPU cannot host several NCCL ranks)
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
-dry=0 wheels="" out=""
+dry=0 wheels="" out="" installed=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
+    --installed) installed=1 ;;
     --out) out=$2; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) wheels=$1 ;;
   esac
   shift
 done
-if [ "$dry" = 0 ] && { [ -z "$wheels" ] || ! ls "$wheels"/*.whl >/dev/null 2>&1; }; then
+if [ "$dry" = 0 ] && [ "$installed" = 0 ] && { [ -z "$wheels" ] || ! ls "$wheels"/*.whl >/dev/null 2>&1; }; then
   echo "error: WHEEL_DIR '${wheels}' holds no .whl files (bash scripts/fetch_gpu_wheels.sh DIR; or --dry-run)" >&2
   exit 2
 fi
@@ -77,20 +81,25 @@ if [ "$dry" = 1 ]; then
     --out "$WORK/actor_step_0_tiny.json"
   step c_planner 60 "$PY" scripts/gpu_report.py plan "$WORK"
 else
-  step install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" "$wheels"/*.whl
-  export PYTHONPATH=$REPO:$SITE
-  step d_imports 60 "$PY" scripts/gpu_imports.py --json "$WORK/imports.json"
-  step d_mcore_api 30 "$PY" scripts/check_mcore_api.py --mcore "$SITE" --json "$WORK/mcore_api.json"
-  step a_gpu_tests 150 "$PY" -m pytest "${pytest_args[@]}" -m gpu "${gpu_tests[@]}" --junitxml="$WORK/tests_gpu.xml"
-  step b_actor_1.5b 105 "$PY" bench/actor_step.py --model qwen2.5-1.5b --out "$WORK/actor_step_1_qwen2.5-1.5b.json"
-  step b_actor_7b 115 "$PY" bench/actor_step.py --model qwen2.5-7b --layers 8 --out "$WORK/actor_step_2_qwen2.5-7b.json"
-  step c_planner 25 "$PY" scripts/gpu_report.py plan "$WORK"
-  # megatron-core 0.19 on this machine's Python 3.12 / torch, through the CPU (gloo) paths the CI runs on 0.16
-  CUDA_VISIBLE_DEVICES="" step d_mcore_cpu 90 "$PY" -m pytest "${pytest_args[@]}" tests/distributed/test_actor.py \
-    tests/distributed/test_weight_sync_reshard.py::test_tp2_reshard_is_bit_exact_and_within_one_bucket \
+  mcore_src=()
+  if [ "$installed" = 0 ]; then
+    step install 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$wheels"/*.whl
+    export PYTHONPATH=$REPO:$SITE
+    mcore_src=(--mcore "$SITE")
+  fi
+  step d_imports 45 "$PY" scripts/gpu_imports.py --json "$WORK/imports.json"
+  step d_mcore_api 20 "$PY" scripts/check_mcore_api.py "${mcore_src[@]}" --json "$WORK/mcore_api.json"
+  step a_gpu_tests 120 "$PY" -m pytest "${pytest_args[@]}" -m gpu "${gpu_tests[@]}" --junitxml="$WORK/tests_gpu.xml"
+  step b_actor_1.5b 100 "$PY" bench/actor_step.py --model qwen2.5-1.5b --out "$WORK/actor_step_1_qwen2.5-1.5b.json"
+  step b_actor_7b 120 "$PY" bench/actor_step.py --model qwen2.5-7b --layers 8 --out "$WORK/actor_step_2_qwen2.5-7b.json"
+  step c_planner 20 "$PY" scripts/gpu_report.py plan "$WORK"
+  # megatron-core 0.19 on this machine's Python 3.12 / torch through the multi-rank CPU (gloo) paths that CI
+  # runs on 0.16; the most distinctive first, so a time-out cuts the least
+  CUDA_VISIBLE_DEVICES="" step d_mcore_cpu 75 "$PY" -m pytest "${pytest_args[@]}" \
     tests/distributed/test_conversion.py::test_cli_round_trip_is_bit_exact_and_loadable_by_transformers \
-    --junitxml="$WORK/tests_mcore.xml"
+    tests/distributed/test_weight_sync_reshard.py::test_tp2_reshard_is_bit_exact_and_within_one_bucket \
+    tests/distributed/test_actor.py --junitxml="$WORK/tests_mcore.xml"
 fi
 
 args=(collect "$WORK" "$OUT_DIR")

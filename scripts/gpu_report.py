@@ -68,7 +68,7 @@ STEP = {"name": str, "rc": int, "seconds": NUM, "timed_out": bool, "status": str
 TESTS = Alt(({"passed": int, "failed": int, "skipped": int, "errors": int,
               "cases": [{"name": str, "outcome": str, "seconds": NUM, "message": str}]}, type(None)))
 SCHEMA = {
-    "schema": str, "created": str, "dry_run": bool, "ok": bool,
+    "schema": str, "created": str, "dry_run": bool, "ok": bool, "problems": [str],
     "host": {"python": str, "torch": str, "cuda": OPT_STR, "device": str, "megatron_core": OPT_STR},
     "steps": [STEP], "gpu_tests": TESTS, "mcore_tests": TESTS,
     "actor_step": [ACTOR_STEP], "planner": [PLANNER],
@@ -163,6 +163,8 @@ def plan_one(bench: dict) -> dict:
 def cmd_plan(work: Path) -> int:
     results = [plan_one(json.loads(p.read_text())) for p in sorted(work.glob("actor_step_*.json"))]
     (work / "planner.json").write_text(json.dumps(results, indent=1))
+    if not results:
+        print(f"[plan] no actor_step_*.json in {work}: the benchmark steps measured nothing to plan against")
     for r in results:
         print(f"[plan] {r['model']}: " + (r["error"] or ", ".join(
             f"{k} {_pct(c['rel_error'])}" for k, c in r["components"].items())))
@@ -245,12 +247,28 @@ def collect(work: Path, dry_run: bool) -> dict:
     benches = [b for b in (_read_json(p) for p in sorted(work.glob("actor_step_*.json"))) if b]
     imports = _read_json(work / "imports.json")
     doc = {"schema": "spark_megatron.gpu_check/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "dry_run": dry_run, "ok": bool(steps) and all(s["rc"] == 0 for s in steps),
+           "dry_run": dry_run, "ok": False, "problems": [],
            "host": _host(benches, imports), "steps": steps,
            "gpu_tests": read_junit(work / "tests_gpu.xml"), "mcore_tests": read_junit(work / "tests_mcore.xml"),
            "actor_step": benches, "planner": _read_json(work / "planner.json") or [],
            "imports": imports, "mcore_api": _read_json(work / "mcore_api.json")}
+    doc["problems"] = problems(doc)
+    doc["ok"] = not doc["problems"]
     return doc
+
+
+def problems(doc: dict) -> list:
+    """Why the check is not a pass: failed or timed-out steps, and on a GPU run gpu-marked tests that did not
+    run (pytest exits 0 when everything is skipped, e.g. when CUDA is not visible)."""
+    out = [f"step {s['name']}: {s['status']}" for s in doc["steps"] if s["rc"] != 0]
+    if not doc["steps"]:
+        out.append("no step ran")
+    t = doc["gpu_tests"]
+    if not doc["dry_run"] and (t is None or t["passed"] == 0):
+        out.append("no gpu-marked test passed" + ("" if t is None else f" ({t['skipped']} skipped)"))
+    if not doc["actor_step"]:
+        out.append("no actor step measurement")
+    return out
 
 
 def _gib(x) -> str:
@@ -260,8 +278,9 @@ def _gib(x) -> str:
 def table(doc: dict) -> str:
     h = doc["host"]
     out = [f"GPU check on {h['device']} (python {h['python']}, torch {h['torch']}, CUDA {h['cuda']}, megatron-core "
-           f"{h['megatron_core']}){' -- DRY RUN on CPU' if doc['dry_run'] else ''}: {'OK' if doc['ok'] else 'FAILED'}",
-           "", f"{'step':34s} {'status':16s} {'seconds':>8s}"]
+           f"{h['megatron_core']}){' -- DRY RUN on CPU' if doc['dry_run'] else ''}: {'OK' if doc['ok'] else 'FAILED'}"]
+    out += [f"  problem: {p}" for p in doc["problems"]]
+    out += ["", f"{'step':34s} {'status':16s} {'seconds':>8s}"]
     out += [f"{s['name']:34s} {s['status']:16s} {s['seconds']:8.1f}" for s in doc["steps"]]
     for key, title in (("gpu_tests", "gpu-marked tests"), ("mcore_tests", "megatron-core CPU-path tests")):
         t = doc[key]
