@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh WHEEL_DIR [--out DIR]   accelerator machine / cluster node (CUDA GPU; no network)
 #   bash scripts/gpu_check.sh --installed [--out DIR] a CUDA machine whose Python already has megatron-core
 #   bash scripts/gpu_check.sh --dry-run [--out DIR]   CPU: wheel list vs imports, tiny benchmark, schema (CI)
+#   ... --only a_gpu_tests,b_actor_7b                   run only these steps (a short rerun); install always runs
 #
 # WHEEL_DIR holds the wheels of scripts/gpu_wheels.txt (bash scripts/fetch_gpu_wheels.sh DIR); they are
 # installed into a private --target directory, never into the machine's Python. OUT defaults to $OUT (the
@@ -23,13 +24,14 @@
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
-dry=0 wheels="" out="" installed=0
+dry=0 wheels="" out="" installed=0 only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
     --installed) installed=1 ;;
     --out) out=$2; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --only) only=",$2,"; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) wheels=$1 ;;
   esac
@@ -55,6 +57,7 @@ echo "[gpu_check] work dir $WORK, results in $OUT_DIR, python $PY, $([ "$dry" = 
 step() {
   local name=$1 limit=$2; shift 2
   local t0 t1 rc
+  if [ -n "$only" ] && [ "$name" != install ] && [[ "$only" != *",$name,"* ]]; then return 0; fi
   t0=$(date +%s.%N)
   timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
