@@ -54,10 +54,11 @@ MODELS = {
     "qwen2.5-7b": dict(_QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     "tiny": dict(_QWEN, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=1024,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=1024,
                  bos_token_id=0, eos_token_id=1),
 }
-"""HF config.json contents (Qwen2.5 architecture facts as published; random weights)."""
+"""HF config.json contents (Qwen2.5 architecture facts as published; random weights). `tiny` ties its embeddings
+like the 1.5B, so the CPU dry run covers the tied path the first GPU model takes."""
 BF16_DENSE_PEAK_TFLOPS = (("H200 NVL", 835.5), ("H100 NVL", 835.5), ("H100 PCIe", 756.5), ("H200", 989.4),
                           ("H100", 989.4), ("A100", 312.0))
 """Dense (no 2:4 sparsity) bf16 tensor-core peak from NVIDIA's data sheets, by device-name substring, first match:
