@@ -6,8 +6,10 @@ finds the imports two ways and checks both against those two lists:
 
 - statically: the import statements (module level and inside functions) of the entry files below and of every
   project module they reach, transitively;
-- dynamically: the top-level packages in `sys.modules` after importing the entry modules here, which adds the
-  import-time dependencies of megatron-core and transformers themselves.
+- dynamically: the entry modules are imported in a fresh Python that sees only the machine's packages (and
+  what they require) plus the carried wheels, through links in a scratch site directory; an import error
+  there is a finding, and what got loaded adds the import-time dependencies of megatron-core and
+  transformers themselves. Optional imports of packages the machine lacks fail there as they would on it.
 
 An import that is not provided fails the check, unless it is guarded (inside `try` ... `except ImportError`) or
 named in OPTIONAL below with the reason it is never reached on a GPU-check path. Run on the accelerator
