@@ -111,5 +111,6 @@ args=(collect "$WORK" "$OUT_DIR")
 rc=$?
 ok=$("$PY" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['ok']))" "$OUT_DIR/gpu_check.json" 2>/dev/null || echo 0)
 echo "[gpu_check] results: $OUT_DIR/gpu_check.json, gpu_check.txt, gpu_check_logs.txt"
-if [ "$dry" = 1 ] && [ -z "${KEEP_WORK:-}" ]; then rm -rf "$WORK"; else echo "[gpu_check] step files kept in $WORK"; fi
+# everything is in OUT now (step logs in gpu_check_logs.txt); KEEP_WORK=1 keeps the raw step files
+if [ -z "${KEEP_WORK:-}" ]; then rm -rf "$WORK"; else echo "[gpu_check] step files kept in $WORK"; fi
 [ "$rc" = 0 ] && [ "$ok" = 1 ]
