@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -77,12 +78,13 @@ def _load_source(spec: str, on_bad_record: str, defaults: ImageDefaults, out: li
             out.append(parse_record(raw.value, spec, raw.index, src.base_dir, defaults))
             report.loaded += 1
         except RecordError as e:
+            problem = dataclasses.replace(e.problem, line=raw.index + 1) if src.kind == "jsonl" else e.problem
             if on_bad_record == "fail":
-                raise DataError(f"bad record: {e.problem} (set data.on_bad_record=skip to skip such records)",
-                                e.problem) from None
-            report.skipped[e.problem.reason.value] += 1
+                raise DataError(f"bad record: {problem} (set data.on_bad_record=skip to skip such records)",
+                                problem) from None
+            report.skipped[problem.reason.value] += 1
             if len(report.examples) < MAX_EXAMPLES:
-                report.examples.append(str(e.problem))
+                report.examples.append(str(problem))
     return report
 
 
