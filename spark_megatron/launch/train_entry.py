@@ -91,7 +91,7 @@ def prepare_model_dir(cfg: RunConfig) -> str:
     return str(out)
 
 
-TINY_MARKER = "spark_tiny.json"
+TINY_MARKER = "tiny_kind.json"
 """Kind and seed of a tiny model built into output_dir/tiny_model (a cache: rebuilt when they change)."""
 
 
