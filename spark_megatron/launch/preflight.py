@@ -47,8 +47,8 @@ def check_before_model(cfg: RunConfig, world: int, resume: bool, force: bool, ow
     model_paths(cfg)
     if owner:
         check_ownership(cfg.output_dir, resume, force)
-    return load_prompts(cfg.data.train_files, on_bad_record=cfg.data.on_bad_record,
-                        image_max_pixels=cfg.data.image_max_pixels, image_min_pixels=cfg.data.image_min_pixels)
+    return load_prompts(cfg.data.train_files, on_bad_record=cfg.data.on_bad_record,  # as RunState loads them
+                        image_max_pixels=cfg.data.image_max_pixels)
 
 
 def recipe_layout(cfg: RunConfig, world: int, arch=None):

@@ -246,6 +246,9 @@ def main(argv=None) -> int:
 
     try:
         _run_ranks(cfg, hf_dir)
+    except KeyboardInterrupt:
+        print(f"interrupted: {_resume_hint(cfg)}", file=sys.stderr)
+        return 130
     except RunAbort as e:
         print(f"error: {e.user_message}", file=sys.stderr)
         return e.exit_code
@@ -256,6 +259,18 @@ def main(argv=None) -> int:
         return e.exit_code
     print(f"done: metrics in {Path(cfg.output_dir) / 'metrics.jsonl'}")
     return 0
+
+
+def _resume_hint(cfg: RunConfig) -> str:
+    """Where an interrupted run stands: its newest complete checkpoint, and how to continue from it."""
+    from spark_megatron.checkpoint.train_state import checkpoint_run_id, complete_checkpoints
+    from spark_megatron.run_dir import read_run_id
+
+    run_id = read_run_id(cfg.output_dir)
+    done = [p for p in complete_checkpoints(Path(cfg.output_dir) / "checkpoints") if checkpoint_run_id(p) == run_id]
+    if not done:
+        return f"no checkpoint of this run was written yet; rerun with --force to start over in {cfg.output_dir}"
+    return f"newest complete checkpoint {done[-1]}; rerun the same command with --resume to continue from it"
 
 
 def _run_ranks(cfg: RunConfig, hf_dir: str) -> None:
