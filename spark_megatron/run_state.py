@@ -24,8 +24,9 @@ class TrainingStopped(RuntimeError):
 class RunState:
     def __init__(self, cfg: RunConfig, roles, queue, is_driver: bool):
         self.cfg, self.roles, self.queue, self.is_driver = cfg, roles, queue, is_driver
+        # the launching process's preflight loaded the same data and reported what it skipped or dropped
         loaded = load_prompts(cfg.data.train_files, on_bad_record=cfg.data.on_bad_record,
-                              image_max_pixels=cfg.data.image_max_pixels)
+                              image_max_pixels=cfg.data.image_max_pixels, warn=False)
         # an engine refuses a prompt over the limit, so one such prompt would end the run when drawn: drop
         # them here, where every rank drops the same ones and a resumed run draws from the same list
         lengths = filter_by_length(roles.tokenizer, loaded.prompts, cfg.rollout.max_prompt_tokens)
@@ -36,9 +37,6 @@ class RunState:
         self.data_counts = {"data/prompts": float(len(self.prompts)),
                             "data/skipped_records": float(loaded.report.skipped),
                             "data/dropped_long_prompts": float(len(lengths.dropped))}
-        if is_driver and (loaded.report.skipped or lengths.dropped):
-            print(f"[data] {len(self.prompts)} prompts; {loaded.report.skipped} bad records skipped; "
-                  f"{lengths.summary()}")
         self.stream = PromptStream(self.prompts, cfg.data.prompts_per_step, cfg.data.shuffle, cfg.seed,
                                    epochs=None if cfg.total_steps else cfg.data.epochs)
         per_epoch = math.ceil(len(self.prompts) / cfg.data.prompts_per_step)
