@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from spark_megatron.config import RunConfig
 from spark_megatron.recycle import RecycleBuilder, RecycleQueue, RecycleScheduler
+from spark_megatron.recycle.fitting import PromptFitter
 from spark_megatron.run_state import RunState
 from spark_megatron.sequences import SequenceBuilder, group_metrics
 from spark_megatron.types import RolloutGroup
@@ -70,7 +71,8 @@ class SparkTrainer:
         self.is_driver = dist.get_rank() == 0
         self.roles = build_roles(cfg, hf_dir, self.is_driver)
         rc = cfg.algorithm.recycle
-        self.recycler = RecycleBuilder(rc, seed=cfg.seed)
+        self.recycler = RecycleBuilder(rc, seed=cfg.seed,
+                                       fitter=PromptFitter(self.roles.tokenizer, cfg.rollout.max_prompt_tokens))
         self.queue = RecycleQueue(max_size=rc.queue_max_size)
         self.scheduler = RecycleScheduler(rc, cfg.data.prompts_per_step)
         self.sequences = SequenceBuilder(self.roles.tokenizer, cfg.algorithm, cfg.rollout,
@@ -133,6 +135,7 @@ class SparkTrainer:
             self.roles.fill_logprobs(seqs)
         with timer("train"):
             out = self.roles.actor.train_step(seqs, self.roles.loss_fn, with_entropy=True)
+        self.state.check_updates(f"step {self.state.step} ({phase} update)")
         return {f"{phase}/{k}": v for k, v in out.items()}
 
     def recycle(self, groups: list, step: int) -> dict:
@@ -156,6 +159,7 @@ class SparkTrainer:
             self.queue.start_epoch(batch.epoch)
             row = self.train_step(step, batch.prompts)
             row["epoch"] = batch.epoch
+            row.update(self.state.counters())
             last = self.state.logger.log(step, row)
             self.state.progress(step, last)
             self.state.maybe_checkpoint(step)

@@ -15,7 +15,7 @@ import importlib.util
 import sys
 from typing import Optional
 
-from spark_megatron.config import ConfigError, load_config
+from spark_megatron.config import ConfigError, check_values, load_config
 
 FORWARDED = {"train": "spark_megatron.launch.train_entry", "plot": "spark_megatron.plots"}
 CONVERTERS = {"hf-to-megatron": "hf_to_megatron", "megatron-to-hf": "megatron_to_hf", "compare": "compare"}
@@ -71,6 +71,7 @@ def _load(args):
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "executor", None):
         cfg.launch.executor = args.executor
+    check_values(cfg)  # the value rules `train` applies, so a plan is never made for a recipe that cannot run
     arch = resolve_architecture(cfg, args.model_config)
     opts = PlanOptions(gpu_memory_gib=args.gpu_memory_gib, overhead_gib=args.overhead_gib,
                        layer_spec=args.layer_spec)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from spark_megatron.launch.architecture import ModelArchitecture
-from spark_megatron.models.qwen2 import ModelSpecError
+if TYPE_CHECKING:  # the model modules import torch; the layout and batch checks run before it is loaded
+    from spark_megatron.launch.architecture import ModelArchitecture
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 FP8_ARCHS = ("hopper",)
@@ -51,6 +51,9 @@ class DeviceLayout:
 
 def resolve_architecture(cfg, model_config: Optional[str] = None) -> ModelArchitecture:
     """The model facts for planning: `model_config` (CLI) > model.hf_path if readable > launch.model_config."""
+    from spark_megatron.launch.architecture import ModelArchitecture
+    from spark_megatron.models.qwen2 import ModelSpecError
+
     candidates = []
     if model_config:
         candidates.append(("--model-config", model_config))
@@ -79,6 +82,7 @@ def _tiny_architecture(hf_path: str, seed: int) -> ModelArchitecture:
     tokenizer) into a scratch directory and read its config."""
     import tempfile
 
+    from spark_megatron.launch.architecture import ModelArchitecture
     from spark_megatron.launch.train_entry import TINY_KINDS, write_tiny
 
     kind = hf_path.split(":", 1)[1]
@@ -127,6 +131,7 @@ def device_layout(cfg) -> DeviceLayout:
 
 def _model_problems(arch: ModelArchitecture, lay: DeviceLayout) -> list:
     from spark_megatron.models.families import family_for_config
+    from spark_megatron.models.qwen2 import ModelSpecError
 
     problems = []
     try:
@@ -202,15 +207,16 @@ def _executor_problems(cfg) -> list:
     return problems
 
 
-def validate_recipe(cfg, arch: ModelArchitecture, launching: bool = False) -> DeviceLayout:
+def validate_recipe(cfg, arch: Optional[ModelArchitecture], launching: bool = False) -> DeviceLayout:
     """Every check at once (with `launching`, also what the executor needs: account, tunnel, mounts);
-    raises RecipeError listing all problems, else returns the device layout."""
+    raises RecipeError listing all problems, else returns the device layout. Without `arch` the checks that
+    need the model's shape are left out (the trainer's preflight runs them once the model is at hand)."""
     problems = _precision_problems(cfg) + (_executor_problems(cfg) if launching else [])
     try:
         lay = device_layout(cfg)
     except RecipeError as e:
         raise RecipeError("; ".join(problems + [str(e)])) from None
-    problems += _model_problems(arch, lay)
+    problems += _model_problems(arch, lay) if arch is not None else []
     problems += _batch_problems(cfg, lay)
     if problems:
         raise RecipeError("; ".join(problems))

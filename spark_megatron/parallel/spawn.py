@@ -13,7 +13,13 @@ import torch.multiprocessing as mp
 
 
 class RankFailure(RuntimeError):
-    """A spawned rank raised; the message carries its traceback."""
+    """A spawned rank raised; the message carries its traceback. When the rank's exception carried a
+    `user_message` (an error the user can act on, already logged by the rank), it and its `exit_code` are kept
+    so the parent can print that one line instead of the traceback."""
+
+    def __init__(self, text: str, user_message: str | None = None, exit_code: int | None = None):
+        super().__init__(text)
+        self.user_message, self.exit_code = user_message, exit_code
 
 
 def free_port() -> int:
@@ -29,8 +35,9 @@ def _entry(rank, world, port, fn, args, queue, env):
     try:
         out = fn(rank, world, *args)
         queue.put((rank, True, out))
-    except BaseException:  # noqa: BLE001 - everything must reach the parent
-        queue.put((rank, False, traceback.format_exc()))
+    except BaseException as e:  # noqa: BLE001 - everything must reach the parent
+        queue.put((rank, False, (traceback.format_exc(), getattr(e, "user_message", None),
+                                 getattr(e, "exit_code", None))))
     finally:
         try:
             from spark_megatron.parallel.groups import destroy_distributed
@@ -50,14 +57,16 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 600, env: dict |
              for r in range(world_size)]
     for p in procs:
         p.start()
-    results, failures = {}, []
+    results, failures, user = {}, [], (None, None)
     try:
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout_s)
             if ok:
                 results[rank] = payload
             else:
-                failures.append(f"--- rank {rank} ---\n{payload}")
+                text, message, code = payload
+                failures.append(f"--- rank {rank} ---\n{text}")
+                user = (message, code)
                 break
     finally:
         for p in procs:
@@ -65,5 +74,5 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 600, env: dict |
             if p.is_alive():
                 p.kill()
     if failures:
-        raise RankFailure("\n".join(failures))
+        raise RankFailure("\n".join(failures), *user)
     return [results[r] for r in range(world_size)]

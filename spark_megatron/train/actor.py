@@ -12,6 +12,11 @@ micro-batch loss by the number of micro-batches (legacy 2-tuple loss) and averag
 sets `calculate_per_token_loss` on the model config (DDP then sums over DP instead of averaging, and 3-tuple
 losses are not divided) and installs a finalize function that skips megatron's division by the token count it
 counted itself. Nothing is pre-scaled, so the result does not depend on how the batch is split (tested).
+
+Bad updates. An update whose inputs (advantages, old/reference/rollout logprobs), loss or gradient norm is not
+finite is skipped (the weights stay as they were); an update whose gradient is exactly zero is applied but moves
+nothing the loss asked for. Both are counted (`nonfinite`, `zero_grad` in the step metrics) and `bad_streak`
+says how many came in a row, so the trainer can stop a run that has diverged or collapsed.
 """
 from __future__ import annotations
 
@@ -265,6 +270,11 @@ class Actor(_LogprobRunner):
         self._install_schedule_hooks(overlap_grad_reduce)
         self.steps_done = 0
         """Optimizer steps attempted (skipped ones included)."""
+        self.bad_streak = 0
+        """Consecutive bad updates (non-finite, or zero gradient) up to the last one; 0 after a good update."""
+        self.bad_updates = {"nonfinite": 0, "zero_grad": 0}
+        """Bad updates of this actor's life, by kind; `streak_kinds` counts those of the current streak."""
+        self.streak_kinds = {"nonfinite": 0, "zero_grad": 0}
 
     def _wrap_ddp(self, stage, use_distributed_optimizer: bool, overlap: bool):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -346,11 +356,13 @@ class Actor(_LogprobRunner):
         seqs = list(seqs)
         self._validate(seqs)
         fields = batching.present_fields(seqs)
+        tokens = batching.response_token_count(seqs, range(len(seqs)))
+        if not _finite_inputs(seqs, fields):  # e.g. logprobs of weights that already diverged: nothing to learn
+            return self._skipped(seqs, tokens, current_lr(self.optimizer))
         mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size())
         buckets = self._plan_buckets(seqs, mine, self.optim_cfg.micro_batch_size, fields,
                                      single_call=self._overlap, min_microbatches=1)
-        tokens = batching.response_token_count(seqs, range(len(seqs)))
         for mb in (mb for bucket in buckets for mb in bucket):
             mb.extras["global_token_count"] = torch.tensor(float(tokens), device=_device())
             mb.extras["global_seq_count"] = torch.tensor(float(len(seqs)), device=_device())
@@ -365,15 +377,41 @@ class Actor(_LogprobRunner):
             outs += run_schedule(self._ddp, bucket, self._train_loss(loss_fn, with_entropy), forward_only=False)
         self._defer_finalize = False
         lr = current_lr(self.optimizer)
+        metrics = reduce_loss_metrics(outs)  # the same loss on every rank: the skip decision is collective
+        if not math.isfinite(metrics["loss"]):
+            return self._skipped(seqs, tokens, lr, metrics)
         result = step_optimizer(self.optimizer, self.optim_cfg.clip_grad)
         if result.updated:
             self.scheduler.step(1)
             if not self.vision_frozen:
                 self._image_scope.weights_changed()  # features stored under the old tower weights are stale
         self.steps_done += 1
-        metrics = reduce_loss_metrics(outs)
+        zero = result.updated and result.grad_norm == 0.0
+        self._record_update(None if result.updated and not zero else "zero_grad" if zero else "nonfinite")
         metrics.update(grad_norm=result.grad_norm, lr=lr, skipped=0.0 if result.updated else 1.0,
-                       global_tokens=float(tokens), sequences=float(len(seqs)))
+                       nonfinite=0.0 if result.updated else 1.0, zero_grad=float(zero))
+        return self._step_metrics(metrics, seqs, tokens)
+
+    def _skipped(self, seqs, tokens: int, lr: float, metrics: Optional[dict] = None) -> dict:
+        """An update left out for non-finite inputs or loss: no optimizer step, no scheduler step."""
+        self.steps_done += 1
+        self._record_update("nonfinite")
+        metrics = dict(metrics or {"loss": float("nan")})
+        metrics.update(grad_norm=float("nan"), lr=lr, skipped=1.0, nonfinite=1.0, zero_grad=0.0)
+        return self._step_metrics(metrics, seqs, tokens)
+
+    def _record_update(self, bad_kind: Optional[str]) -> None:
+        if bad_kind is None:
+            self.bad_streak = 0
+            self.streak_kinds = dict.fromkeys(self.streak_kinds, 0)
+            return
+        self.bad_streak += 1
+        self.bad_updates[bad_kind] += 1
+        self.streak_kinds[bad_kind] += 1
+
+    @staticmethod
+    def _step_metrics(metrics: dict, seqs, tokens: int) -> dict:
+        metrics.update(global_tokens=float(tokens), sequences=float(len(seqs)))
         for kind, (n, t) in batching.kind_counts(seqs, range(len(seqs))).items():
             metrics[f"kind/{kind}/sequences"] = float(n)
             metrics[f"kind/{kind}/tokens"] = float(t)
@@ -403,6 +441,19 @@ class Actor(_LogprobRunner):
 
         return export_hf_weights(self._stage, self.family.mappings(self.shape),
                                  tied=self.shape.tie_word_embeddings, dtype=dtype)
+
+
+def _finite_inputs(seqs: Sequence[SequenceSample], fields: list) -> bool:
+    """Every per-token input of the update (advantages, old / reference / rollout logprobs) is finite."""
+    for s in seqs:
+        for name in fields:
+            value = getattr(s, name)
+            if isinstance(value, (int, float)):
+                if not math.isfinite(value):
+                    return False
+            elif not torch.isfinite(torch.as_tensor(value, dtype=torch.float32)).all():
+                return False
+    return True
 
 
 def reduce_loss_metrics(outs: list) -> dict:
@@ -442,7 +493,7 @@ def merge_step_metrics(per_step: list) -> dict:
     if not per_step:
         return {"optimizer_steps": 0.0}
     out: dict = {}
-    summed = {"skipped", "global_tokens", "sequences"}
+    summed = {"skipped", "nonfinite", "zero_grad", "global_tokens", "sequences"}
     keys = sorted({k for m in per_step for k in m})
     for k in keys:
         vals = [m[k] for m in per_step if k in m]
