@@ -50,6 +50,9 @@ class ParallelConfig:
     """Shard optimizer state across data-parallel ranks (Megatron DistributedOptimizer)."""
     make_vocab_size_divisible_by: int = 128
     """Vocab padding unit (multiplied by TP), as in Megatron-LM."""
+    data_parallel_size: int = 1
+    """Data-parallel replicas of the actor: the job has TP x PP x DP ranks. `spark-megatron train` without torchrun
+    spawns that many gloo ranks; under torchrun the world must equal TP x PP x DP (checked at start)."""
 
 
 @dataclass
@@ -63,9 +66,17 @@ class RolloutConfig:
     max_prompt_tokens: int = 8192
     max_response_tokens: int = 768
     tensor_parallel_size: int = 1
-    """TP size of each vLLM engine (may differ from the actor's)."""
+    """TP size of each vLLM engine (may differ from the actor's). Colocated: world / this = engines, each on
+    consecutive ranks; each step's prompts are split across the engines."""
     colocate: bool = True
-    """Actor and vLLM share GPUs (vLLM sleeps during training); False = separate rollout ranks."""
+    """Every rank of the job hosts its part of an engine (vLLM external_launcher) and vLLM sleeps while the actor
+    trains. False (dedicated rollout GPUs) is not built: rejected at load (see rollout/layout.py)."""
+    sleep_level: int = 1
+    """vLLM sleep level while the actor trains (colocated, GPU): 1 offloads the weights to host memory, 2 discards
+    them (the push that follows every update rewrites them anyway). CPU: the calls are made and recorded only."""
+    engine_timeout_s: float = 3600.0
+    """Longest wait on a rollout engine (one generate / score / weight push / sleep / wake); past it the rank
+    ends the run with one line naming the engine and the operation."""
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may take in colocated mode."""
     kv_cache_memory_bytes: Optional[int] = None

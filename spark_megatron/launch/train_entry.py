@@ -1,7 +1,9 @@
 """`spark-megatron train --config RECIPE [key=value ...]`: run SPARK on Megatron actors with vLLM rollouts.
 
-Under torchrun (WORLD_SIZE set) every process runs the controller SPMD. Started directly, it spawns
-TP x PP gloo ranks itself on CPU (or runs in-process for a 1-rank layout), so the quickstart needs no launcher.
+Under torchrun (WORLD_SIZE set) every process runs the controller SPMD; the world must be TP x PP x DP
+(parallel.data_parallel_size). Started directly, it spawns TP x PP x DP gloo ranks itself on CPU (or runs
+in-process for a 1-rank layout), so the quickstart needs no launcher. Every rank hosts its part of a rollout
+engine (rollout.tensor_parallel_size consecutive ranks per engine, see spark_megatron/rollout/layout.py).
 """
 from __future__ import annotations
 
@@ -91,6 +93,34 @@ def check_engine_for_model(cfg: RunConfig, hf_dir: str) -> None:
                           "a CUDA torchvision); use rollout.engine=hf for CPU runs of VL models")
 
 
+def job_world(cfg: RunConfig) -> int:
+    """TP x PP x DP ranks; under torchrun the started world must be exactly that; the rollout layout must be
+    buildable on it. ConfigError (one line) otherwise, before any rank starts."""
+    import torch
+
+    from spark_megatron.rollout.layout import LayoutError, layout_for_config
+
+    par = cfg.parallel
+    if min(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.data_parallel_size) < 1:
+        raise ConfigError("parallel.tensor_model_parallel_size, pipeline_model_parallel_size and "
+                          "data_parallel_size must be >= 1")
+    world = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.data_parallel_size
+    started = os.environ.get("WORLD_SIZE")
+    if started is not None and int(started) != world:
+        grid = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+        hint = f"set parallel.data_parallel_size={int(started) // grid}" if int(started) % grid == 0 else \
+            f"start a multiple of TP x PP = {grid} ranks"
+        raise ConfigError(f"torchrun started {started} ranks but parallel.tensor_model_parallel_size "
+                          f"{par.tensor_model_parallel_size} x pipeline_model_parallel_size "
+                          f"{par.pipeline_model_parallel_size} x data_parallel_size {par.data_parallel_size} = "
+                          f"{world}; {hint}")
+    try:
+        layout_for_config(cfg, world, on_gpu=torch.cuda.is_available())
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    return world
+
+
 def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
     """Body of one rank: init parallel state, run the trainer, return the last metrics row."""
     from spark_megatron.config import _build
@@ -115,6 +145,7 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
             return 0
+        world = job_world(cfg)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         hf_dir = prepare_model_dir(cfg)
         check_engine_for_model(cfg, hf_dir)
@@ -123,7 +154,6 @@ def main(argv=None) -> int:
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
     cfg_dict = dataclasses.asdict(cfg)
     if "WORLD_SIZE" in os.environ:  # torchrun / srun: this process is one rank
         rank_main(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), cfg_dict, hf_dir)
@@ -134,9 +164,17 @@ def main(argv=None) -> int:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank_main(0, 1, cfg_dict, hf_dir)
     else:
-        from spark_megatron.parallel.spawn import run_on_ranks
+        from spark_megatron.parallel.spawn import RankFailure, run_on_ranks
 
-        run_on_ranks(rank_main, world, cfg_dict, hf_dir, timeout_s=24 * 3600)
+        try:
+            run_on_ranks(rank_main, world, cfg_dict, hf_dir, timeout_s=24 * 3600)
+        except RankFailure as e:
+            if not e.summary:
+                raise
+            log = Path(cfg.output_dir) / "rank_failure.log"
+            log.write_text(str(e))
+            print(f"error: {e.summary} (rank output: {log})", file=sys.stderr)
+            return 1
     print(f"done: metrics in {Path(cfg.output_dir) / 'metrics.jsonl'}")
     return 0
 
