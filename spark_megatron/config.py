@@ -220,7 +220,8 @@ class LaunchConfig:
     """HF config.json the planner reads when model.hf_path is not readable on the launching machine
     (configs/models/*.json mirror the public configs)."""
     rollout_gpus: int = 0
-    """GPUs reserved for vLLM when rollout.colocate is false (the actor gets the rest); 0 when colocated."""
+    """GPUs reserved for dedicated vLLM engines. Not built (engines run colocated on every GPU): anything but 0
+    is rejected by plan, launch and train."""
     job_name: str = "spark-train"
     """Experiment title / Slurm job-name suffix."""
     qos: Optional[str] = None

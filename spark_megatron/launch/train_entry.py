@@ -114,6 +114,9 @@ def job_world(cfg: RunConfig) -> int:
                           f"{par.tensor_model_parallel_size} x pipeline_model_parallel_size "
                           f"{par.pipeline_model_parallel_size} x data_parallel_size {par.data_parallel_size} = "
                           f"{world}; {hint}")
+    if cfg.launch.rollout_gpus:
+        raise ConfigError(f"launch.rollout_gpus {cfg.launch.rollout_gpus}: dedicated rollout GPUs are not built "
+                          "(engines run colocated on every rank); set launch.rollout_gpus=0")
     try:
         layout_for_config(cfg, world, on_gpu=torch.cuda.is_available())
     except LayoutError as e:

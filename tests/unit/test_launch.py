@@ -83,7 +83,8 @@ def test_local_dryrun_runs_torchrun_on_one_node(tmp_path, capsys):
 
 
 BAD = [
-    ("tp-heads", R7, ["parallel.tensor_model_parallel_size=8"], "TP 8 does not divide num_attention_heads 28"),
+    ("tp-heads", R7, ["parallel.tensor_model_parallel_size=8", "parallel.data_parallel_size=1"],
+     "TP 8 does not divide num_attention_heads 28"),
     ("world", R32, ["launch.nodes=3"], "world size mismatch: 24 actor GPUs"),
     ("unknown-key", R32, ["parallel.tensor_parallel=2"], "unknown config key 'parallel.tensor_parallel'"),
     ("fp8-no-te", FP8, ["launch.container_has_te=false"], "needs Transformer Engine"),
