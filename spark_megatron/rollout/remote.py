@@ -24,6 +24,9 @@ from spark_megatron.rollout.watch import EngineFailure
 from spark_megatron.sync.channel import ChannelSink, SyncChannel
 from spark_megatron.sync.validation import WeightValidationError
 
+_START_S = 600.0
+"""Budget for starting the engine process (imports, model load): separate from the per-call deadline."""
+
 _ERRORS = {"EngineStateError": EngineStateError, "WeightValidationError": WeightValidationError,
            "ValueError": ValueError}
 
@@ -34,7 +37,8 @@ def _serve(conn, port: int, cfg, hf_dir: str, kwargs: dict, timeout_s: float) ->
     from spark_megatron.sync.channel import serve_one_push
 
     try:  # the channel first: the proxy waits in its connect, then reads the start outcome from the pipe
-        channel = SyncChannel.connect("127.0.0.1", port, 1, 2, is_master=False, timeout_s=timeout_s)
+        channel = SyncChannel.connect("127.0.0.1", port, 1, 2, is_master=False, timeout_s=timeout_s,
+                                      join_timeout_s=max(timeout_s, _START_S))
         engine = build_engine(cfg, hf_dir, own_process=False, **kwargs)
     except BaseException as e:  # noqa: BLE001 - reported to the proxy
         conn.send(("error", type(e).__name__, f"engine process failed to start: {e}\n{traceback.format_exc()}"))
@@ -107,8 +111,9 @@ class RemoteEngine:
         self._proc.start()
         self.label = f"rollout engine process {self._proc.pid}"
         self._op = "start"
-        self.channel = SyncChannel.connect("127.0.0.1", port, 0, 2, is_master=True, timeout_s=self.timeout_s)
-        info = self._reply("start")
+        self.channel = SyncChannel.connect("127.0.0.1", port, 0, 2, is_master=True, timeout_s=self.timeout_s,
+                                           join_timeout_s=max(self.timeout_s, _START_S))
+        info = self._reply("start", max(self.timeout_s, _START_S))
         self.dtype, self.supports_sleep = info["dtype"], info["supports_sleep"]
         self.policy_version, self.stale = 0, None
         self.bucket_bytes = cfg.sync_bucket_mb << 20
@@ -126,16 +131,16 @@ class RemoteEngine:
         except (BrokenPipeError, ConnectionError, EOFError, OSError):
             raise self._died(op) from None
 
-    def _reply(self, op: Optional[str] = None):
+    def _reply(self, op: Optional[str] = None, timeout_s: Optional[float] = None):
         """The engine process's answer to `op`, within the deadline (EngineFailure otherwise)."""
-        op = op or self._op
-        deadline = time.monotonic() + self.timeout_s
+        op, limit = op or self._op, timeout_s or self.timeout_s
+        deadline = time.monotonic() + limit
         while not self._conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
             if not self._proc.is_alive():
                 raise self._died(op)
             if time.monotonic() >= deadline:
                 self._proc.kill()
-                raise EngineFailure(f"{self.label} hung: {op} did not finish within {self.timeout_s:g} s "
+                raise EngineFailure(f"{self.label} hung: {op} did not finish within {limit:g} s "
                                     "(rollout.engine_timeout_s); killed it")
         try:
             msg = self._conn.recv()

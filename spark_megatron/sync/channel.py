@@ -33,19 +33,23 @@ _COMMIT = -2
 class SyncChannel:
     """Broadcast-only side group; `rank` 0 is the actor side."""
 
-    def __init__(self, pg, rank: int, size: int, device: torch.device):
+    def __init__(self, pg, rank: int, size: int, device: torch.device, timeout: Optional[timedelta] = None):
         self.pg, self.rank, self.size, self.device = pg, rank, size, device
+        self.timeout = timeout
+        """Limit of one transfer (None: the group's own)."""
 
     @classmethod
     def connect(cls, host: str, port: int, rank: int, size: int, is_master: bool, backend: str = "gloo",
-                timeout_s: float = 600) -> "SyncChannel":
-        """Join the channel; blocks until all `size` members joined. Exactly one member is the store master."""
+                timeout_s: float = 600, join_timeout_s: Optional[float] = None) -> "SyncChannel":
+        """Join the channel; blocks until all `size` members joined (at most `join_timeout_s`, default
+        `timeout_s`, the limit of every later transfer). Exactly one member is the store master."""
         import torch.distributed as dist
 
-        timeout = timedelta(seconds=timeout_s)
+        timeout, join = timedelta(seconds=timeout_s), timedelta(seconds=join_timeout_s or timeout_s)
         listener = _listen(host, port) if is_master else None
         try:
-            store = dist.TCPStore(host, port, size, is_master, timeout=timeout, wait_for_workers=False,
+            store = dist.TCPStore(host, port, size, is_master, wait_for_workers=False,
+                                  timeout=join,
                                   master_listen_fd=listener.fileno() if listener is not None else None)
         finally:
             if listener is not None:
@@ -55,11 +59,11 @@ class SyncChannel:
             pg = dist.ProcessGroupNCCL(store, rank, size)
             device = torch.device("cuda", torch.cuda.current_device())
         elif backend == "gloo":
-            pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+            pg = dist.ProcessGroupGloo(store, rank, size, join)  # joining waits for every member
             device = torch.device("cpu")
         else:
             raise ValueError(f"channel backend must be gloo or nccl, got '{backend}'")
-        return cls(pg, rank, size, device)
+        return cls(pg, rank, size, device, timeout)
 
     def close(self) -> None:
         """Drop the side group (its sockets close once no member uses them)."""
@@ -70,6 +74,8 @@ class SyncChannel:
 
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
+        if self.timeout is not None:
+            opts.timeout = self.timeout
         self.pg.broadcast([t], opts).wait()
 
     def send_obj(self, obj) -> None:
