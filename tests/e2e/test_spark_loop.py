@@ -111,6 +111,18 @@ def loop_worker(rank, world, out_dir, tp, pp, rollout_tp):
     return steps, pushes, rollouts
 
 
+def _planned_max_received(out_dir, world, tp, pp, rtp) -> int:
+    """What `spark-megatron plan` says the busiest rank receives per push at this layout (the planner's push
+    tensors from the architecture through the trainer's `push_volume`)."""
+    from spark_megatron.config import load_config
+    from spark_megatron.launch.planner import sync_traffic
+    from spark_megatron.launch.validation import device_layout, resolve_architecture
+
+    cfg = load_config("configs/tiny_cpu.yaml", _overrides(out_dir, tp=tp, pp=pp, rollout_tp=rtp) + [
+        f"launch.gpus_per_node={world}", "launch.gpu_arch=cpu"])
+    return sync_traffic(cfg, resolve_architecture(cfg), device_layout(cfg)).max_received_bytes
+
+
 LAYOUTS = {"a_tp2_rollout_tp2": (2, 2, 1, 2, 1), "b_tp2_rollout_tp1": (2, 2, 1, 1, 2),
            "c_tp2_pp2_rollout_tp2": (4, 2, 2, 2, 2)}
 """name -> (world, actor TP, PP, rollout TP, engines)"""
@@ -129,10 +141,14 @@ def test_spark_loop_engines_track_actor(tmp_path, layout):
         assert 0 <= rank_steps[0]["first_probe"] <= TOL
         assert rank_pushes and all(0 <= d <= TOL for _, d in rank_pushes), rank_pushes
     _, pushes, rollouts = per_rank[0]
+    planned = _planned_max_received(tmp_path / "plan", world, tp, pp, rtp)
     version = 1  # the push after the warm-up
     for s in steps:
         row = s["row"]
         assert row["rollout/engines"] == engines
+        # bytes the busiest rank received in a push: as planned, less than the model where blocks stay put
+        assert row["sync/max_received_bytes_per_rank"] == planned, (row["sync/max_received_bytes_per_rank"], planned)
+        assert (planned < row["sync/model_bytes"]) == (tp == rtp)
         assert math.isfinite(row["policy/loss"]) and math.isfinite(row["policy/grad_norm"])
         assert row["perf/rollout_tokens_per_s"] > 0 and row["perf/train_tokens_per_s"] > 0
         assert s["moved"] > 0, "actor weights did not change"
