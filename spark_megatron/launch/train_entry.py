@@ -163,9 +163,14 @@ def main(argv=None) -> int:
     elif world == 1:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         from spark_megatron.parallel.spawn import free_port
+        from spark_megatron.rollout.watch import EngineFailure
 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        rank_main(0, 1, cfg_dict, hf_dir)
+        try:
+            rank_main(0, 1, cfg_dict, hf_dir)
+        except EngineFailure as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     else:
         from spark_megatron.parallel.spawn import RankFailure, run_on_ranks
 
