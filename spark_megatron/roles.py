@@ -101,7 +101,9 @@ class Roles:
         self.fleet.wake_weights()
         stats = self.fleet.push(self.actor, self.policy_version, self.cfg.rollout.sync_bucket_mb << 20)
         self.fleet.wake_kv()
-        most = torch.tensor([stats.received_bytes], dtype=torch.float64)
+        from spark_megatron.parallel.cpu_compat import compute_device
+
+        most = torch.tensor([stats.received_bytes], dtype=torch.float64, device=compute_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
         self.sync_metrics = {"sync/model_bytes": float(stats.bytes),

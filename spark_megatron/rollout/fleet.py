@@ -82,8 +82,9 @@ class EngineFleet:
             self.engine.wake_up(["kv_cache"])
 
     # ------------------------------------------------------------------------------------------ weights
-    def push(self, actor, version: int, bucket_bytes: int):
-        """Every rank streams its shards; every engine loads every HF tensor (see rollout/layout.py)."""
+    def push(self, actor, version: int, bucket_bytes: int, tracker=None):
+        """Every rank streams its shards; every engine loads every HF tensor (see rollout/layout.py).
+        `tracker`: a sync.LiveBytes that measures the push's extra memory on this rank."""
         from spark_megatron.sync import push_actor_weights
         from spark_megatron.sync.push import WeightSyncError
         from spark_megatron.sync.validation import WeightValidationError
@@ -95,7 +96,7 @@ class EngineFleet:
                 actor.model_chunks, actor.family.mappings(actor.shape), version, bucket_bytes,
                 sink=self.engine.weight_sink(), tied=actor.shape.tie_word_embeddings,
                 dtype=getattr(self.engine, "dtype", None), delivery="colocated",
-                engine_tp=self.layout.rollout_tp, engine_reads=reads)
+                engine_tp=self.layout.rollout_tp, engine_reads=reads, tracker=tracker)
         return self.last_push
 
     def shutdown(self) -> None:

@@ -131,7 +131,7 @@ class _ActorPush:
         self.staging, self.pack = self._side_buffers(jobs, self.tp_rank, tracker, block_need)
         self.blocks = BlockExchange(self.rank, ps.get_tensor_model_parallel_world_size(),
                                     ps.get_data_parallel_world_size(with_context_parallel=True),
-                                    ps.get_pipeline_model_parallel_world_size()) if self.kinds else None
+                                    ps.get_pipeline_model_parallel_world_size(), tracker) if self.kinds else None
         capacity = self.buf.capacity if self.buf else (self.pack.capacity if self.pack else 0)
         self.stats = PushStats(0, len(plan.buckets), plan.total_bytes, 0.0, bucket_capacity=capacity)
         self.failure: Optional[str] = None

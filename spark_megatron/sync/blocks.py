@@ -87,8 +87,8 @@ class BlockExchange:
 
     Megatron rank order: global rank = tp_rank + TP x (dp_rank + DP x pp_rank)."""
 
-    def __init__(self, rank: int, tp: int, dp: int, pp: int):
-        self.rank, self.tp, self.dp, self.pp = rank, tp, dp, pp
+    def __init__(self, rank: int, tp: int, dp: int, pp: int, tracker=None):
+        self.rank, self.tp, self.dp, self.pp, self.tracker = rank, tp, dp, pp, tracker
         self.tp_rank = rank % tp
         self.pp_rank = rank // (tp * dp)
         self.received = 0
@@ -126,6 +126,8 @@ class BlockExchange:
                 self.received += block.numel() * block.element_size()
         for tag, block in staged:  # one at a time through the staging buffer
             held = staging[:block.numel() * block.element_size()].view(block.dtype).view(block.shape)
+            if self.tracker is not None:  # the staging buffer in use: the tensor-in-hand allowance
+                self.tracker.observe(block.numel() * block.element_size())
             if me_send:
                 held.copy_(block)
                 for w in [dist.isend(held, dst, tag=tag) for dst in self._receivers(stage)]:

@@ -107,8 +107,22 @@ def loop_worker(rank, world, out_dir, tp, pp, rollout_tp):
         moved = max((p.detach() - q).abs().max().item()
                     for p, q in zip(trainer.roles.actor.model_chunks[0].parameters(), params0))
         steps.append({"row": row, "moved": moved, "calls": trainer.roles.fleet.calls[calls:]})
+    steps[0]["memory"] = _push_memory(trainer)
     trainer.close()
     return steps, pushes, rollouts
+
+
+def _push_memory(trainer) -> tuple:
+    """(extra bytes this rank held during one more push, its bound: bucket buffer + the largest HF tensor)."""
+    from spark_megatron.sync import LiveBytes
+    from spark_megatron.sync.push import actor_plan
+
+    actor, tracker = trainer.roles.actor, LiveBytes()
+    bucket = trainer.cfg.rollout.sync_bucket_mb << 20
+    stats = trainer.roles.fleet.push(actor, trainer.roles.policy_version, bucket, tracker=tracker)
+    largest = max(s.nbytes for s in actor_plan(actor.model_chunks, actor.family.mappings(actor.shape), bucket,
+                                                actor.shape.tie_word_embeddings).specs)
+    return tracker.peak, stats.bucket_capacity + largest
 
 
 def _planned_max_received(out_dir, world, tp, pp, rtp) -> int:
@@ -140,6 +154,8 @@ def test_spark_loop_engines_track_actor(tmp_path, layout):
     for rank_steps, rank_pushes, _ in per_rank:  # every engine serves the actor's weights after every push
         assert 0 <= rank_steps[0]["first_probe"] <= TOL
         assert rank_pushes and all(0 <= d <= TOL for _, d in rank_pushes), rank_pushes
+        peak, bound = rank_steps[0]["memory"]
+        assert 0 < peak <= bound, (peak, bound)  # one bucket plus the largest tensor, per rank
     _, pushes, rollouts = per_rank[0]
     planned = _planned_max_received(tmp_path / "plan", world, tp, pp, rtp)
     version = 1  # the push after the warm-up

@@ -70,6 +70,10 @@ def test_slurm_dryrun_32b_renders_sbatch_with_the_recipes_layout(tunnel, tmp_pat
     replayed.write_text(m.group(3))
     assert load_config(str(replayed)) == cfg
     assert paths["torchrun"].read_text().strip().endswith(" ".join(torchrun).replace("DOLLAR", "$"))
+    # the rollout layout the trainer builds from the same function: two TP-8 engines, one per node
+    engines = "2 engine(s) x TP 8, colocated on ranks [0-7, 8-15]; sleep level 1 while the actor trains"
+    assert lay.rollout.describe().startswith(engines) and f"engines        {lay.rollout.describe()}" in out
+    assert f"engines      {lay.rollout.describe()}" in (paths["sbatch"].parent / "plan.txt").read_text()
 
 
 def test_local_dryrun_runs_torchrun_on_one_node(tmp_path, capsys):
