@@ -11,8 +11,10 @@ Per job:
   generated tokens/s, and the CPU seconds all ranks spent per wall second (how much of the machine it used);
 - push: `push_actor_weights(delivery="colocated")` into every engine, and the same push into sinks that drop the
   buckets ("transport", no engine), best of `--reps`; per rank the bytes received against the model size;
-- floors: a bare point-to-point exchange of exactly the bytes each rank received (preallocated, one message per
-  rank pair: rank r and the same TP rank of the other stage), and memcpy of the model bytes.
+- floors: a bare point-to-point transfer of exactly the bytes each rank received (preallocated, one message per
+  rank pair: rank r and the same TP rank of the other stage), both directions at once ("duplex floor") and one
+  stage after the other ("stage floor": a push moves one bucket at a time, each bucket from one stage, so this is
+  the floor it can reach), and memcpy of the model bytes.
 Ratios are reported, never bare times alone: 2-engine / 1-engine tokens/s, push rate / floor rate.
 """
 from __future__ import annotations
@@ -66,25 +68,36 @@ def _push(stage, registry, tied, bucket_bytes, sink, rollout_tp, reads, version)
                               dtype=torch.float32, delivery="colocated", engine_tp=rollout_tp, engine_reads=reads)
 
 
-def _floor_s(received: list, reps: int) -> float:
-    """Best time for every rank to receive its byte count from its partner (same TP rank, other stage) and send
-    the partner's, in one preallocated message each way, all ranks at once."""
+def _floor_s(received: list, reps: int) -> tuple:
+    """Best times for every rank to receive its byte count from its partner (same TP rank, other stage) in one
+    preallocated message: (both directions at once, stage 0 -> 1 then stage 1 -> 0)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     partner = (rank + world // 2) % world
     inbox = torch.empty(max(received[rank], 1), dtype=torch.uint8)
     outbox = torch.ones(max(received[partner], 1), dtype=torch.uint8)
-    best = float("inf")
-    for _ in range(reps + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        works = [dist.irecv(inbox, partner, tag=7), dist.isend(outbox, partner, tag=7)]
-        for w in works:
+
+    def duplex():
+        for w in [dist.irecv(inbox, partner, tag=7), dist.isend(outbox, partner, tag=7)]:
             w.wait()
-        dist.barrier()
-        best = min(best, time.perf_counter() - t0)
-    return best
+
+    def by_stage():
+        first = rank < world // 2
+        for sending in (first, not first):
+            (dist.send(outbox, partner, tag=8) if sending else dist.recv(inbox, partner, tag=8))
+
+    out = []
+    for fn in (duplex, by_stage):
+        best = float("inf")
+        for _ in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            best = min(best, time.perf_counter() - t0)
+        out.append(best)
+    return tuple(out)
 
 
 def _job(rank, world, hf_dir, rollout_tp, n_prompts, n, max_tokens, bucket_mb, reps):
@@ -129,7 +142,7 @@ def _job(rank, world, hf_dir, rollout_tp, n_prompts, n, max_tokens, bucket_mb, r
     full, null = min(pushes[1:], key=lambda s: s.seconds), min(nulls[1:], key=lambda s: s.seconds)
     received = [None] * world
     dist.all_gather_object(received, full.received_bytes)
-    floor = _floor_s(received, reps)
+    floor, stage_floor = _floor_s(received, reps)
     # the engines serve finite logprobs after the pushes (a loader that read outside its block would give NaN)
     probe = [[5, 9, 13, 21, 34, 55, 89]]
     ok = bool(torch.isfinite(fleet.score(probe)[0]).all())
@@ -142,7 +155,8 @@ def _job(rank, world, hf_dir, rollout_tp, n_prompts, n, max_tokens, bucket_mb, r
         memcpy = full.bytes / min(_timed(lambda: dst.copy_(src)) for _ in range(3))
     return dict(rank=rank, gen=gen, push_s=full.seconds, push_sink_s=full.sink_s, push_deliver_s=full.deliver_s,
                 push_produce_s=full.produce_s, null_s=null.seconds, model_bytes=full.bytes,
-                received=full.received_bytes, floor_s=floor, memcpy=memcpy, finite=ok, engines=layout.engines)
+                received=full.received_bytes, floor_s=floor, stage_floor_s=stage_floor, memcpy=memcpy, finite=ok,
+                engines=layout.engines)
 
 
 def _timed(fn) -> float:
@@ -158,13 +172,14 @@ def _report(name: str, ranks: list) -> dict:
     push = max(r["push_s"] for r in ranks)
     null = max(r["null_s"] for r in ranks)
     floor = max(r["floor_s"] for r in ranks)
+    stage_floor = max(r["stage_floor_s"] for r in ranks)
     moved = max(r["received"] for r in ranks)
     return dict(layout=name, engines=r0["engines"], tokens=gen["tokens"], gen_s=gen["wall_s"],
                 tokens_per_s=gen["tokens"] / gen["wall_s"], cpu_per_wall=cpu / gen["wall_s"],
                 model_mib=r0["model_bytes"] / 2**20, received_mib=[r["received"] / 2**20 for r in ranks],
                 moved_vs_model=moved / r0["model_bytes"], push_s=push, transport_s=null, floor_s=floor,
-                transport_vs_floor=floor / null if null else float("nan"),
-                push_vs_floor=floor / push if push else float("nan"),
+                stage_floor_s=stage_floor, transport_vs_floor=floor / null, transport_vs_stage_floor=stage_floor / null,
+                push_vs_floor=floor / push, push_vs_stage_floor=stage_floor / push,
                 engine_share=max(r["push_sink_s"] for r in ranks) / push,
                 push_vs_memcpy=(r0["model_bytes"] / push) / r0["memcpy"], finite=all(r["finite"] for r in ranks))
 
@@ -177,8 +192,8 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--intermediate", type=int, default=1536)
-    ap.add_argument("--bucket-mb", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--bucket-mb", type=int, default=64, help="push bucket (the recipes use 512)")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -203,8 +218,9 @@ def main(argv=None) -> None:
               f"(ranks used {r['cpu_per_wall']:.2f} CPU-s per s); push {r['push_s'] * 1e3:.1f} ms: busiest rank "
               f"received {max(r['received_mib']):.2f} MiB = {r['moved_vs_model']:.2f}x the model "
               f"(per rank {', '.join(f'{m:.2f}' for m in r['received_mib'])} MiB); transport-only push "
-              f"{r['transport_s'] * 1e3:.1f} ms = {r['transport_vs_floor']:.2f}x the p2p floor "
-              f"({r['floor_s'] * 1e3:.1f} ms); full push {r['push_vs_floor']:.2f}x the floor, "
+              f"{r['transport_s'] * 1e3:.1f} ms = {r['transport_vs_stage_floor']:.2f}x the stage floor "
+              f"({r['stage_floor_s'] * 1e3:.1f} ms), {r['transport_vs_floor']:.2f}x the duplex floor "
+              f"({r['floor_s'] * 1e3:.1f} ms); full push {r['push_vs_stage_floor']:.2f}x the stage floor, "
               f"{r['engine_share']:.0%} of it inside vLLM's reload, {r['push_vs_memcpy']:.3f}x memcpy")
     print(f"2 engines / 1 engine generated tokens/s: {two['tokens_per_s'] / one['tokens_per_s']:.2f}")
     if args.json:

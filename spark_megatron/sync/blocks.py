@@ -72,14 +72,19 @@ def fill_own_block(job, view: torch.Tensor, kind, tp_rank: int) -> None:
 
 
 def staging_need(plan, kinds: dict, tp: int) -> int:
-    """Bytes of staging a rank needs for blocks that are not contiguous inside their bucket view (dim > 0)."""
+    """Staging bytes for blocks that are not contiguous in their bucket view (dim > 0): a bucket's such blocks
+    together, up to the largest HF tensor of the plan (the tensor-in-hand allowance; larger sets go in waves)."""
+    largest = max((_aligned(s.nbytes) for s in plan.specs), default=0)
     need = 0
     for bp in plan.buckets:
-        for i, spec in enumerate(bp.specs):
-            kind = kinds.get((bp.index, i))
-            if isinstance(kind, int) and kind > 0 and not isinstance(kind, bool):
-                need = max(need, _aligned(spec.nbytes // tp))
+        staged = sum(_aligned(spec.nbytes // tp) for i, spec in enumerate(bp.specs)
+                     if _staged_kind(kinds.get((bp.index, i))))
+        need = max(need, min(staged, largest))
     return need
+
+
+def _staged_kind(kind) -> bool:
+    return isinstance(kind, int) and not isinstance(kind, bool) and kind > 0
 
 
 class BlockExchange:
@@ -124,17 +129,39 @@ class BlockExchange:
             elif me_recv:
                 works.append(dist.irecv(block, self._sender(stage), tag=tag))
                 self.received += block.numel() * block.element_size()
-        for tag, block in staged:  # one at a time through the staging buffer
-            held = staging[:block.numel() * block.element_size()].view(block.dtype).view(block.shape)
-            if self.tracker is not None:  # the staging buffer in use: the tensor-in-hand allowance
-                self.tracker.observe(block.numel() * block.element_size())
-            if me_send:
-                held.copy_(block)
-                for w in [dist.isend(held, dst, tag=tag) for dst in self._receivers(stage)]:
-                    w.wait()
-            elif me_recv:
-                dist.irecv(held, self._sender(stage), tag=tag).wait()
-                block.copy_(held)
-                self.received += block.numel() * block.element_size()
+        if staged and (me_send or me_recv):
+            self._staged(staged, stage, staging, me_send)
         for w in works:
             w.wait()
+
+    def _staged(self, staged: list, stage: int, staging: torch.Tensor, me_send: bool) -> None:
+        """Blocks that are not contiguous in the bucket (row-parallel weights), through the staging buffer in
+        waves: every message of a wave is posted at once (one cross-process wake-up per wave, not per tensor)."""
+        import torch.distributed as dist
+
+        waves, cur, used = [], [], 0
+        for tag, block in staged:
+            need = _aligned(block.numel() * block.element_size())
+            if cur and used + need > staging.numel():
+                waves.append(cur)
+                cur, used = [], 0
+            cur.append((tag, block, used))
+            used += need
+        waves.append(cur)
+        for wave in waves:
+            held = [(tag, block, staging[off:off + block.numel() * block.element_size()].view(block.dtype)
+                     .view(block.shape)) for tag, block, off in wave]
+            if self.tracker is not None:  # the staging buffer in use: the tensor-in-hand allowance
+                self.tracker.observe(sum(h.numel() * h.element_size() for _, _, h in held))
+            if me_send:
+                for _, block, h in held:
+                    h.copy_(block)
+                works = [dist.isend(h, dst, tag=tag) for tag, _, h in held for dst in self._receivers(stage)]
+            else:
+                works = [dist.irecv(h, self._sender(stage), tag=tag) for tag, _, h in held]
+            for w in works:
+                w.wait()
+            if not me_send:
+                for _, block, h in held:
+                    block.copy_(h)
+                    self.received += h.numel() * h.element_size()
