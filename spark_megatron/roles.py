@@ -61,7 +61,7 @@ class Roles:
     fleet: Optional[Any] = None
     """rollout.fleet.EngineFleet: this rank's view of all engines (generate, sleep/wake, push)."""
     sync_metrics: Optional[dict] = None
-    """Of the last push: model bytes, most bytes any rank received, seconds."""
+    """Of the last push: model bytes, most bytes any rank received (sync/...), its seconds (time/push_s)."""
 
     @property
     def loss_fn(self):
@@ -108,7 +108,7 @@ class Roles:
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
         self.sync_metrics = {"sync/model_bytes": float(stats.bytes),
                              "sync/max_received_bytes_per_rank": float(most.item()),
-                             "sync/push_s": stats.seconds}
+                             "time/push_s": stats.seconds}
 
     def close(self) -> None:
         if self.verifier is not None:
