@@ -164,7 +164,7 @@ class _ActorPush:
         buffer for segments it cannot send in place; its bucket buffer when it has one (broadcast delivery:
         idle until the bucket arrives), else its own, at most one bucket (tracked like a bucket buffer).
         Colocated pipeline pushes: the same staging also carries blocks that are not contiguous in the bucket
-        (`block_need`, at most one tensor / TP; used after the reshard of the bucket finished)."""
+        (`block_need`, at most the largest tensor; used after the reshard of the bucket finished)."""
         slices = self._my_slices(jobs)
         staging = None
         if tp_rank == 0:
