@@ -54,6 +54,9 @@ class ParallelConfig:
     """Shard optimizer state across data-parallel ranks (Megatron DistributedOptimizer)."""
     make_vocab_size_divisible_by: int = 128
     """Vocab padding unit (multiplied by TP), as in Megatron-LM."""
+    data_parallel_size: int = 1
+    """Data-parallel replicas of the actor: the job has TP x PP x DP ranks. `spark-megatron train` without torchrun
+    spawns that many gloo ranks; under torchrun the world must equal TP x PP x DP (checked at start)."""
 
 
 @dataclass
@@ -67,9 +70,17 @@ class RolloutConfig:
     max_prompt_tokens: int = 8192
     max_response_tokens: int = 768
     tensor_parallel_size: int = 1
-    """TP size of each vLLM engine (may differ from the actor's)."""
+    """TP size of each vLLM engine (may differ from the actor's). Colocated: world / this = engines, each on
+    consecutive ranks; each step's prompts are split across the engines."""
     colocate: bool = True
-    """Actor and vLLM share GPUs (vLLM sleeps during training); False = separate rollout ranks."""
+    """Every rank of the job hosts its part of an engine (vLLM external_launcher) and vLLM sleeps while the actor
+    trains. False (dedicated rollout GPUs) is not built: rejected at load (see rollout/layout.py)."""
+    sleep_level: int = 1
+    """vLLM sleep level while the actor trains (colocated, GPU): 1 offloads the weights to host memory, 2 discards
+    them (the push that follows every update rewrites them anyway). CPU: the calls are made and recorded only."""
+    engine_timeout_s: float = 3600.0
+    """Longest wait on a rollout engine (one generate / score / weight push / sleep / wake); past it the rank
+    ends the run with one line naming the engine and the operation."""
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may take in colocated mode."""
     kv_cache_memory_bytes: Optional[int] = None
@@ -221,7 +232,8 @@ class LaunchConfig:
     """HF config.json the planner reads when model.hf_path is not readable on the launching machine
     (configs/models/*.json mirror the public configs)."""
     rollout_gpus: int = 0
-    """GPUs reserved for vLLM when rollout.colocate is false (the actor gets the rest); 0 when colocated."""
+    """GPUs reserved for dedicated vLLM engines. Not built (engines run colocated on every GPU): anything but 0
+    is rejected by plan, launch and train."""
     job_name: str = "spark-train"
     """Experiment title / Slurm job-name suffix."""
     qos: Optional[str] = None
@@ -462,12 +474,13 @@ FIELD_RULES: dict = {
     "parallel.tensor_model_parallel_size": at_least(1, integer=True),
     "parallel.pipeline_model_parallel_size": at_least(1, integer=True),
     "parallel.virtual_pipeline_model_parallel_size": optional(at_least(1, integer=True)),
-    "parallel.sequence_parallel": FLAG, "parallel.use_distributed_optimizer": FLAG,
+    "parallel.data_parallel_size": at_least(1, integer=True), "parallel.sequence_parallel": FLAG, "parallel.use_distributed_optimizer": FLAG,
     "parallel.make_vocab_size_divisible_by": at_least(1, integer=True),
     "rollout.engine": one_of("vllm", "hf"), "rollout.n": at_least(1, integer=True),
     "rollout.temperature": at_least(0), "rollout.top_p": in_range(0, 1, lo_open=True),
     "rollout.max_prompt_tokens": at_least(1, integer=True), "rollout.max_response_tokens": at_least(1, integer=True),
     "rollout.tensor_parallel_size": at_least(1, integer=True), "rollout.colocate": FLAG,
+    "rollout.sleep_level": one_of(1, 2), "rollout.engine_timeout_s": positive(),
     "rollout.gpu_memory_utilization": in_range(0, 1, lo_open=True),
     "rollout.kv_cache_memory_bytes": optional(at_least(1, integer=True)),
     "rollout.sync_bucket_mb": at_least(1, integer=True), "rollout.enforce_eager": FLAG,

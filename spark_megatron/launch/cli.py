@@ -113,6 +113,7 @@ def cmd_launch(args) -> int:
         print(f"sbatch script  {out.sbatch_script}")
     print(f"torchrun       {out.command_file}")
     print(f"memory plan    {out.artifacts_dir / 'plan.txt'}")
+    print(f"engines        {report.layout.rollout.describe()}")
     print(("submitted" if out.submitted else "dry run: nothing submitted") + f"; command: {out.command}")
     return 0
 

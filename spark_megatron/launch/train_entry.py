@@ -1,11 +1,14 @@
 """`spark-megatron train --config RECIPE [key=value ...]`: run SPARK on Megatron actors with vLLM rollouts.
 
-Under torchrun (WORLD_SIZE set) every process runs the controller SPMD. Started directly, it spawns
-TP x PP gloo ranks itself on CPU (or runs in-process for a 1-rank layout), so the quickstart needs no launcher.
+Under torchrun (WORLD_SIZE set) every process runs the controller SPMD; the world must be TP x PP x DP
+(parallel.data_parallel_size). Started directly, it spawns TP x PP x DP gloo ranks itself on CPU (or runs
+in-process for a 1-rank layout), so the quickstart needs no launcher. Every rank hosts its part of a rollout
+engine (rollout.tensor_parallel_size consecutive ranks per engine, see spark_megatron/rollout/layout.py).
 
 Before any rank starts, launch/preflight.py checks the config, paths, output_dir and data; a problem there, or a
 configuration, data or checkpoint error in a rank, prints one `error: ...` line and exits 2 (the rank's traceback
-is in <output_dir>/logs/rank<N>.log). A run that stops itself after too many bad updates exits 3.
+is in <output_dir>/logs/rank<N>.log). A run that stops itself after too many bad updates exits 3; a dead or hung
+rollout engine (or rank) ends the job with one line naming it and exits 1.
 """
 from __future__ import annotations
 
@@ -196,10 +199,30 @@ def _one_line(e: BaseException) -> str:
 
 
 def spawned_world(cfg: RunConfig) -> int:
-    """Ranks of this job: WORLD_SIZE under torchrun, else the TP x PP ranks spawned here."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    """Ranks of this job, TP x PP x DP (parallel.data_parallel_size); under torchrun the started world must be
+    exactly that, and the rollout layout must be buildable on it. ConfigError (one line) otherwise, before any
+    rank starts (torch-free: preflight answers before heavy imports)."""
+    from spark_megatron.rollout.layout import LayoutError, layout_for_config
+
+    par = cfg.parallel
+    world = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.data_parallel_size
+    started = os.environ.get("WORLD_SIZE")
+    if started is not None and int(started) != world:
+        grid = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+        hint = f"set parallel.data_parallel_size={int(started) // grid}" if int(started) % grid == 0 else \
+            f"start a multiple of TP x PP = {grid} ranks"
+        raise ConfigError(f"torchrun started {started} ranks but parallel.tensor_model_parallel_size "
+                          f"{par.tensor_model_parallel_size} x pipeline_model_parallel_size "
+                          f"{par.pipeline_model_parallel_size} x data_parallel_size {par.data_parallel_size} = "
+                          f"{world}; {hint}")
+    if cfg.launch.rollout_gpus:
+        raise ConfigError(f"launch.rollout_gpus {cfg.launch.rollout_gpus}: dedicated rollout GPUs are not built "
+                          "(engines run colocated on every rank); set launch.rollout_gpus=0")
+    try:  # the sleep assumption (GPU or not) does not change whether a layout can be built
+        layout_for_config(cfg, world, on_gpu=False)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
+    return world
 
 
 def preflight(args, cfg: RunConfig) -> str:
@@ -243,6 +266,7 @@ def main(argv=None) -> int:
         return 2
     from spark_megatron.launch.preflight import RunAbort
     from spark_megatron.parallel.spawn import RankFailure
+    from spark_megatron.rollout.watch import EngineFailure
 
     try:
         _run_ranks(cfg, hf_dir)
@@ -253,10 +277,16 @@ def main(argv=None) -> int:
         print(f"error: {e.user_message}", file=sys.stderr)
         return e.exit_code
     except RankFailure as e:
-        if e.user_message is None:
+        if e.summary is None:
             raise
-        print(f"error: {e.user_message}", file=sys.stderr)
-        return e.exit_code
+        log = Path(cfg.output_dir) / "logs" / "rank_failure.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(str(e))
+        print(f"error: {e.summary} (rank output: {log})", file=sys.stderr)
+        return e.exit_code or 1
+    except EngineFailure as e:  # world of one: the engine failed in this process
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"done: metrics in {Path(cfg.output_dir) / 'metrics.jsonl'}")
     return 0
 
@@ -274,7 +304,7 @@ def _resume_hint(cfg: RunConfig) -> str:
 
 
 def _run_ranks(cfg: RunConfig, hf_dir: str) -> None:
-    world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    world = spawned_world(cfg)
     cfg_dict = dataclasses.asdict(cfg)
     if "WORLD_SIZE" in os.environ:  # torchrun / srun: this process is one rank
         rank_main(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), cfg_dict, hf_dir)

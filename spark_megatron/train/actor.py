@@ -456,9 +456,16 @@ def _finite_inputs(seqs: Sequence[SequenceSample], fields: list) -> bool:
     return True
 
 
+def _combine(key: str, values: list) -> float:
+    """How a loss_fn metric adds up over micro-batches, DP ranks and optimizer steps: keys ending in `_sum` are
+    summed, in `_max` maxed; the rest are averaged by the caller."""
+    return float(max(values)) if key.endswith("_max") else float(sum(values))
+
+
 def reduce_loss_metrics(outs: list) -> dict:
     """Sum the micro-batch losses (= the mini-batch objective) and average loss_fn metrics over real
-    micro-batches, over DP; the last PP stage's result is then sent to every stage."""
+    micro-batches, over DP (`_sum` / `_max` metrics: summed / maxed); the last PP stage's result is then sent
+    to every stage."""
     ps = _ps()
     local = None
     if ps.is_pipeline_last_stage():
@@ -471,15 +478,17 @@ def reduce_loss_metrics(outs: list) -> dict:
             n_real += 1
             for k, v in out.items():
                 if k not in ("loss", "_real"):
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = _combine(k, [sums[k], float(v)]) if k in sums else float(v)
         local = (loss_sum, n_real, sums)
         gathered = [None] * ps.get_data_parallel_world_size()
         dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
         total_loss = sum(g[0] for g in gathered)
         total_real = sum(g[1] for g in gathered)
         keys = sorted({k for g in gathered for k in g[2]})
-        local = {"loss": total_loss, **{k: sum(g[2].get(k, 0.0) for g in gathered) / max(total_real, 1)
-                                       for k in keys}}
+        local = {"loss": total_loss}
+        for k in keys:
+            vals = [g[2][k] for g in gathered if k in g[2]]
+            local[k] = _combine(k, vals) if k.endswith(("_sum", "_max")) else sum(vals) / max(total_real, 1)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         box = [local]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
@@ -497,8 +506,8 @@ def merge_step_metrics(per_step: list) -> dict:
     keys = sorted({k for m in per_step for k in m})
     for k in keys:
         vals = [m[k] for m in per_step if k in m]
-        if k in summed or k.startswith("kind/"):
-            out[k] = float(sum(vals))
+        if k in summed or k.startswith("kind/") or k.endswith(("_sum", "_max")):
+            out[k] = _combine(k, vals)
         elif k == "lr":
             out[k] = float(vals[-1])
         elif k == "grad_norm":

@@ -139,7 +139,11 @@ class PerceptionReward:
 
     def apply(self, groups: Sequence[RolloutGroup], generate: Generate) -> None:
         """Ask the follow-ups (one batched `generate` call), rewrite the eligible rollouts' verdicts (reward,
-        format_score, perception) and put the original prompts back on the groups."""
+        format_score, perception) and put the original prompts back on the groups.
+
+        With data-parallel engines every rank calls with the same groups (the follow-ups are then identical, as
+        the collective `generate` needs); a rank without the verifier, or to which `generate` returns None (not
+        the fleet's driver), only restores the prompts: the driver grades and broadcasts."""
         if not self.enabled:
             return
         todo = [(g, r) for g in groups if eligible(g.prompt) for r in g.rollouts if r.verdict is not None]
@@ -149,13 +153,14 @@ class PerceptionReward:
         asks = [(k, d) for k, d in asks if d is not None]
         follow_ups = [perception_prompt(originals[todo[k][0].prompt.uid], d) for k, d in asks]
         replies = generate(follow_ups, self.sampling) if follow_ups else []
-        answers = [g.rollouts[0].response_text if g.rollouts else "" for g in replies]
-        verdicts = self.verifier.verify_batch([(a, p.ground_truth) for a, p in zip(answers, follow_ups)])
-        perceived = {k: float(v.correct) for (k, _), v in zip(asks, verdicts)}
-        for k, (_, r) in enumerate(todo):
-            fmt, p = sr1_format_score(r.response_text), perceived.get(k, 0.0)
-            r.verdict = dataclasses.replace(r.verdict, format_score=fmt, perception=p,
-                                            reward=self.weights.total(float(r.verdict.correct), fmt, p))
+        if self.verifier is not None and replies is not None:  # the rank that grades (the fleet's driver)
+            answers = [g.rollouts[0].response_text if g.rollouts else "" for g in replies]
+            verdicts = self.verifier.verify_batch([(a, p.ground_truth) for a, p in zip(answers, follow_ups)])
+            perceived = {k: float(v.correct) for (k, _), v in zip(asks, verdicts)}
+            for k, (_, r) in enumerate(todo):
+                fmt, p = sr1_format_score(r.response_text), perceived.get(k, 0.0)
+                r.verdict = dataclasses.replace(r.verdict, format_score=fmt, perception=p,
+                                                reward=self.weights.total(float(r.verdict.correct), fmt, p))
         for g in groups:
             if g.prompt.uid in originals:
                 g.prompt = originals[g.prompt.uid]
