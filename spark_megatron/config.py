@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ class ModelConfig:
     """VL models: keep the vision encoder frozen (no grads, no optimizer state)."""
     recompute_activations: bool = False
     """Full activation recomputation per layer (saves memory at ~30% extra compute)."""
+    reference_offload: bool = False
+    """Keep the frozen reference model's weights in host memory between its logprob passes (moved to the GPU for
+    each pass): frees a model's worth of GPU memory for one host->device copy per step. No effect without CUDA."""
 
 
 @dataclass
@@ -50,6 +54,9 @@ class ParallelConfig:
     """Shard optimizer state across data-parallel ranks (Megatron DistributedOptimizer)."""
     make_vocab_size_divisible_by: int = 128
     """Vocab padding unit (multiplied by TP), as in Megatron-LM."""
+    data_parallel_size: int = 1
+    """Data-parallel replicas of the actor: the job has TP x PP x DP ranks. `spark-megatron train` without torchrun
+    spawns that many gloo ranks; under torchrun the world must equal TP x PP x DP (checked at start)."""
 
 
 @dataclass
@@ -63,9 +70,17 @@ class RolloutConfig:
     max_prompt_tokens: int = 8192
     max_response_tokens: int = 768
     tensor_parallel_size: int = 1
-    """TP size of each vLLM engine (may differ from the actor's)."""
+    """TP size of each vLLM engine (may differ from the actor's). Colocated: world / this = engines, each on
+    consecutive ranks; each step's prompts are split across the engines."""
     colocate: bool = True
-    """Actor and vLLM share GPUs (vLLM sleeps during training); False = separate rollout ranks."""
+    """Every rank of the job hosts its part of an engine (vLLM external_launcher) and vLLM sleeps while the actor
+    trains. False (dedicated rollout GPUs) is not built: rejected at load (see rollout/layout.py)."""
+    sleep_level: int = 1
+    """vLLM sleep level while the actor trains (colocated, GPU): 1 offloads the weights to host memory, 2 discards
+    them (the push that follows every update rewrites them anyway). CPU: the calls are made and recorded only."""
+    engine_timeout_s: float = 3600.0
+    """Longest wait on a rollout engine (one generate / score / weight push / sleep / wake); past it the rank
+    ends the run with one line naming the engine and the operation."""
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may take in colocated mode."""
     kv_cache_memory_bytes: Optional[int] = None
@@ -160,6 +175,13 @@ class OptimConfig:
     """Sequences per micro-batch in the actor's forward/backward."""
     train_batch_size: int = 64
     """Sequences per optimizer step (the rollouts of a step are split into such mini-batches)."""
+    shuffle_minibatches: bool = True
+    """Shuffle the step's sequences (seeded by the run seed and the optimizer step) before cutting them into
+    mini-batches, as the reference's data loader does; False keeps group order (a mini-batch then holds whole
+    prompt groups)."""
+    stop_after_bad_updates: int = 10
+    """Stop the run after this many consecutive optimizer updates whose loss or gradient is non-finite (each is
+    skipped) or whose gradient is exactly zero; 0 = never stop."""
 
 
 @dataclass
@@ -167,6 +189,7 @@ class CheckpointConfig:
     save_interval: int = 50
     """Steps between checkpoints (0 = only at the end)."""
     keep_last: int = 2
+    """Complete checkpoints of this run kept on disk (older ones are deleted); 0 = keep all."""
     resume: bool = False
 
 
@@ -209,7 +232,8 @@ class LaunchConfig:
     """HF config.json the planner reads when model.hf_path is not readable on the launching machine
     (configs/models/*.json mirror the public configs)."""
     rollout_gpus: int = 0
-    """GPUs reserved for vLLM when rollout.colocate is false (the actor gets the rest); 0 when colocated."""
+    """GPUs reserved for dedicated vLLM engines. Not built (engines run colocated on every GPU): anything but 0
+    is rejected by plan, launch and train."""
     job_name: str = "spark-train"
     """Experiment title / Slurm job-name suffix."""
     qos: Optional[str] = None
@@ -380,3 +404,165 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- value rules
+# The range or choices of every field, checked before a run builds anything (launch/preflight.py). Choices that a
+# registry also defines (KL estimators, loss aggregations, advantage estimators, recycle options) are spelled out
+# here so this module stays import-free; tests/unit/test_config_rules.py checks that they match the registries.
+
+@dataclass(frozen=True)
+class Rule:
+    """What values one config field accepts; `describe` completes "must be ..."."""
+
+    describe: str
+    test: typing.Callable[[Any], bool]
+    optional: bool = False
+    """None is accepted too."""
+
+    def problem(self, value) -> Optional[str]:
+        if value is None:
+            return None if self.optional else "must be set"
+        try:
+            ok = bool(self.test(value))
+        except (TypeError, ValueError):
+            ok = False
+        return None if ok else f"must be {self.describe}"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def at_least(lo, integer: bool = False) -> Rule:
+    return Rule(f"{'an integer' if integer else 'a number'} >= {lo}", lambda v: _number(v) and v >= lo)
+
+
+def in_range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return Rule(text, lambda v: _number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+
+
+def positive() -> Rule:
+    return Rule("a finite number > 0", lambda v: _number(v) and v > 0)
+
+
+def one_of(*choices) -> Rule:
+    return Rule("one of " + ", ".join(map(str, choices)), lambda v: v in choices)
+
+
+def optional(rule: Rule) -> Rule:
+    return dataclasses.replace(rule, describe=f"null or {rule.describe}", optional=True)
+
+
+FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+INTEGER = Rule("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+TEXT = Rule("a string", lambda v: isinstance(v, str))
+NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+NAMES = Rule("a list of non-empty strings", lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v))
+STR_MAP = Rule("a mapping of names to values", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v))
+SLURM_TIME = Rule("a Slurm time limit (minutes, [D-]HH:MM[:SS])",
+                  lambda v: isinstance(v, str) and re.fullmatch(r"\d+(-\d+)?(:\d{1,2}){0,2}", v))
+
+FIELD_RULES: dict = {
+    "output_dir": NAME, "seed": at_least(0, integer=True), "total_steps": at_least(0, integer=True),
+    "warmup_sft_steps": at_least(0, integer=True),
+    "model.hf_path": TEXT, "model.megatron_path": optional(NAME),
+    "model.params_dtype": one_of("float32", "bfloat16", "float16"),
+    "model.fp8": optional(one_of("delayed", "tensorwise", "blockwise")),
+    "model.freeze_vision": FLAG, "model.recompute_activations": FLAG, "model.reference_offload": FLAG,
+    "parallel.tensor_model_parallel_size": at_least(1, integer=True),
+    "parallel.pipeline_model_parallel_size": at_least(1, integer=True),
+    "parallel.virtual_pipeline_model_parallel_size": optional(at_least(1, integer=True)),
+    "parallel.data_parallel_size": at_least(1, integer=True), "parallel.sequence_parallel": FLAG, "parallel.use_distributed_optimizer": FLAG,
+    "parallel.make_vocab_size_divisible_by": at_least(1, integer=True),
+    "rollout.engine": one_of("vllm", "hf"), "rollout.n": at_least(1, integer=True),
+    "rollout.temperature": at_least(0), "rollout.top_p": in_range(0, 1, lo_open=True),
+    "rollout.max_prompt_tokens": at_least(1, integer=True), "rollout.max_response_tokens": at_least(1, integer=True),
+    "rollout.tensor_parallel_size": at_least(1, integer=True), "rollout.colocate": FLAG,
+    "rollout.sleep_level": one_of(1, 2), "rollout.engine_timeout_s": positive(),
+    "rollout.gpu_memory_utilization": in_range(0, 1, lo_open=True),
+    "rollout.kv_cache_memory_bytes": optional(at_least(1, integer=True)),
+    "rollout.sync_bucket_mb": at_least(1, integer=True), "rollout.enforce_eager": FLAG,
+    "algorithm.adv_eps": at_least(0), "algorithm.adv_std_unbiased": FLAG,
+    "algorithm.clip_low": in_range(0, 1), "algorithm.clip_high": at_least(0), "algorithm.kl_coef": at_least(0),
+    "algorithm.kl_estimator": one_of("k1", "k2", "k3", "low_var_kl"),
+    "algorithm.loss_agg": one_of("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+    "algorithm.tis_cap": optional(positive()), "algorithm.format_reward_weight": in_range(0, 1),
+    "algorithm.perception_reward_weight": at_least(0),
+    "algorithm.adv_estimator": one_of("grpo", "grpo_mean_only"),
+    "algorithm.verify_timeout_s": positive(), "algorithm.verify_workers": at_least(0, integer=True),
+    "algorithm.recycle.enabled": FLAG, "algorithm.recycle.schedule": one_of("alternate", "mixed"),
+    "algorithm.recycle.judge_input": one_of("answer", "cot", "both", "mixed"),
+    "algorithm.recycle.pointwise_prob_mixed": in_range(0, 1),
+    "algorithm.recycle.max_judgment_per_step": INTEGER, "algorithm.recycle.max_reflection_per_step": INTEGER,
+    "algorithm.recycle.reflection_full_cot_prob": in_range(0, 1),
+    "algorithm.recycle.label_style": one_of("yes_no", "ab", "both"),
+    "algorithm.recycle.reward_batch_size": at_least(0, integer=True),
+    "algorithm.recycle.max_reward_batches_per_step": at_least(0, integer=True),
+    "algorithm.recycle.mixed_max_per_step": at_least(0, integer=True),
+    "algorithm.recycle.queue_max_size": at_least(0, integer=True),
+    "data.train_files": Rule("a non-empty list of data specs",
+                             lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)),
+    "data.prompts_per_step": at_least(1, integer=True), "data.epochs": at_least(1, integer=True),
+    "data.shuffle": FLAG, "data.on_bad_record": one_of("fail", "skip"),
+    "data.image_max_pixels": at_least(1, integer=True), "data.image_min_pixels": at_least(1, integer=True),
+    "optim.lr": positive(), "optim.min_lr_ratio": in_range(0, 1), "optim.warmup_ratio": in_range(0, 1),
+    "optim.adam_beta1": in_range(0, 1, hi_open=True), "optim.adam_beta2": in_range(0, 1, hi_open=True),
+    "optim.weight_decay": at_least(0), "optim.clip_grad": at_least(0),
+    "optim.micro_batch_size": at_least(1, integer=True), "optim.train_batch_size": at_least(1, integer=True),
+    "optim.shuffle_minibatches": FLAG, "optim.stop_after_bad_updates": at_least(0, integer=True),
+    "checkpoint.save_interval": at_least(0, integer=True), "checkpoint.keep_last": at_least(0, integer=True),
+    "checkpoint.resume": FLAG,
+    "logging.wandb_project": optional(NAME), "logging.wandb_mode": one_of("online", "offline", "disabled"),
+    "logging.tensorboard": FLAG, "logging.progress": FLAG,
+    "launch.executor": one_of("local", "slurm"), "launch.nodes": at_least(1, integer=True),
+    "launch.gpus_per_node": at_least(1, integer=True), "launch.account": optional(NAME),
+    "launch.partition": optional(NAME), "launch.time_limit": SLURM_TIME, "launch.container_image": optional(NAME),
+    "launch.container_mounts": NAMES, "launch.env": STR_MAP,
+    "launch.gpu_arch": one_of("hopper", "blackwell", "ada", "ampere", "cpu"), "launch.gpu_memory_gib": positive(),
+    "launch.container_has_te": FLAG, "launch.model_config": optional(NAME),
+    "launch.rollout_gpus": at_least(0, integer=True), "launch.job_name": NAME, "launch.qos": optional(NAME),
+    "launch.exclusive": FLAG, "launch.tunnel": one_of("local", "ssh"), "launch.ssh_host": optional(NAME),
+    "launch.ssh_user": optional(NAME), "launch.ssh_identity": optional(NAME),
+    "launch.remote_job_dir": optional(NAME), "launch.nemo_run_dir": optional(NAME),
+}
+"""dotted key -> Rule, for every leaf of the RunConfig tree (tests/unit/test_config_rules.py keeps it complete)."""
+
+
+def leaf_keys(cls=RunConfig, prefix: str = "") -> list:
+    """Dotted keys of every value (non-section) field of the config tree, in declaration order."""
+    out = []
+    for name, tp in _field_types(cls).items():
+        key = f"{prefix}.{name}" if prefix else name
+        out += leaf_keys(tp, key) if dataclasses.is_dataclass(tp) else [key]
+    return out
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def value_problems(cfg: RunConfig) -> list:
+    """'key=value (must be ...)' for every field outside its rule, plus the cross-field range constraints."""
+    problems = []
+    for key in leaf_keys(type(cfg)):
+        rule = FIELD_RULES.get(key)
+        value = _get(cfg, key)
+        why = rule.problem(value) if rule is not None else None
+        if why:
+            problems.append(f"{key}={value!r} ({why})")
+    d = cfg.data
+    if _number(d.image_min_pixels) and _number(d.image_max_pixels) and d.image_min_pixels > d.image_max_pixels:
+        problems.append(f"data.image_min_pixels={d.image_min_pixels} exceeds data.image_max_pixels="
+                        f"{d.image_max_pixels}")
+    return problems
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Raise ConfigError naming every out-of-range or unknown-choice value, on one line."""
+    problems = value_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config value" + ("s" if len(problems) > 1 else "") + ": " + "; ".join(problems))

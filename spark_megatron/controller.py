@@ -1,10 +1,13 @@
 """The SPARK step, top to bottom:
 
-prompts -> rollout (vLLM) -> verify -> advantages -> [recycle -> queue] -> logprobs (actor, reference)
--> loss -> optimizer step -> [reward period: recycled tasks through the same pipeline] -> push weights -> log
+prompts -> rollout (vLLM engines, data-parallel) -> verify -> advantages -> [recycle -> queue]
+-> engines sleep -> logprobs (actor, reference) -> loss -> optimizer step -> wake weights, push, wake KV cache
+-> [reward period: recycled tasks through the same pipeline, sampled by the updated policy] -> log
 
-Every rank runs this SPMD. The driver (global rank 0) owns the rollout engine, the verifier and the recycle
-queue; what they produce is broadcast so all ranks build identical training sequences.
+Every rank runs this SPMD and hosts its part of a rollout engine; each engine generates its share of the prompts
+and rank 0 (the driver) gathers them in prompt order. The driver owns the verifier and the recycle queue; what
+they produce is broadcast so all ranks build identical training sequences. The weights are pushed after every
+update, so every rollout is sampled by the policy the actor's PPO ratio is anchored to.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ import torch.distributed as dist
 
 from spark_megatron.config import RunConfig
 from spark_megatron.recycle import RecycleBuilder, RecycleQueue, RecycleScheduler
+from spark_megatron.recycle.fitting import PromptFitter
 from spark_megatron.run_state import RunState
 from spark_megatron.sequences import SequenceBuilder, group_metrics
 from spark_megatron.types import RolloutGroup
+from spark_megatron.verify.perception import PerceptionReward
 
 
 class StageTimer:
@@ -52,6 +57,29 @@ class TokenCounter:
         return out
 
 
+class MismatchTotals:
+    """Train/rollout mismatch over the updates of one step (token-weighted mean, max)."""
+
+    def __init__(self):
+        self.diff = self.tokens = 0.0
+        self.most = None
+
+    def take(self, out: dict) -> dict:
+        """Pop the actor's rollout/logprob_* sums from one update's metrics -> that update's mean and max."""
+        diff, tokens = out.pop("rollout/logprob_diff_sum", None), out.pop("rollout/logprob_tokens_sum", None)
+        most = out.pop("rollout/logprob_diff_max", None)
+        if not tokens:
+            return {}
+        self.diff, self.tokens = self.diff + diff, self.tokens + tokens
+        self.most = most if self.most is None else max(self.most, most)
+        return {"rollout/logprob_diff_mean": diff / tokens, "rollout/logprob_diff_max": most}
+
+    def metrics(self) -> dict:
+        if not self.tokens:
+            return {}
+        return {"rollout/logprob_diff_mean": self.diff / self.tokens, "rollout/logprob_diff_max": self.most}
+
+
 def broadcast(obj, src: int = 0):
     """Send a picklable object from `src` to every rank."""
     box = [obj]
@@ -69,18 +97,20 @@ class SparkTrainer:
         self.is_driver = dist.get_rank() == 0
         self.roles = build_roles(cfg, hf_dir, self.is_driver)
         rc = cfg.algorithm.recycle
-        self.recycler = RecycleBuilder(rc, seed=cfg.seed)
+        self.recycler = RecycleBuilder(rc, seed=cfg.seed,
+                                       fitter=PromptFitter(self.roles.tokenizer, cfg.rollout.max_prompt_tokens))
         self.queue = RecycleQueue(max_size=rc.queue_max_size)
         self.scheduler = RecycleScheduler(rc, cfg.data.prompts_per_step)
         self.sequences = SequenceBuilder(self.roles.tokenizer, cfg.algorithm, cfg.rollout,
                                          image_preprocessor=self.roles.image_preprocessor())
+        self.perception = PerceptionReward(cfg.algorithm, self.roles.verifier, self.roles.sampling)
         self.state = RunState(cfg, self.roles, self.queue, self.is_driver)
         self.tokens = TokenCounter()
 
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, step: int, prompts: list) -> dict:
         timer, metrics = StageTimer(), {}
-        self.tokens = TokenCounter()
+        self.tokens, self.mismatch = TokenCounter(), MismatchTotals()
         batch = self.scheduler.policy_batch(prompts, self.queue)
         groups = self.rollout_and_verify(batch.prompts, timer)
         metrics.update(group_metrics(groups, prefix=""))
@@ -92,22 +122,27 @@ class SparkTrainer:
                 r_groups = self.rollout_and_verify(reward.prompts, timer)
                 metrics.update(group_metrics(r_groups, prefix=""))
                 metrics.update(self.update(r_groups, timer, phase="reward"))
-        with timer("sync"):
-            self.roles.push_weights()
         metrics.update(timer.metrics())
         metrics.update(self.tokens.metrics(timer))
+        metrics.update(self.mismatch.metrics())
+        metrics.update(self.roles.sync_metrics or {})
+        metrics["rollout/engines"] = self.roles.fleet.layout.engines
         metrics["time/step_s"] = sum(timer.seconds.values())
         metrics["policy_version"] = self.roles.policy_version
         return metrics
 
     def rollout_and_verify(self, prompts: list, timer: StageTimer) -> list:
-        groups = None
+        """Every engine generates its share; the driver verifies all groups; every rank gets them in order."""
+        with timer("rollout"):
+            groups = self.roles.fleet.generate(self.perception.prompts(prompts), self.roles.sampling)
         if self.is_driver:
-            with timer("rollout"):
-                groups = self.roles.engine.generate(prompts, self.roles.sampling)
             with timer("verify"):
                 self._verify(groups)
         groups = broadcast(groups)
+        if self.perception.enabled:  # Vision-SR1: text-only follow-ups from the descriptions, on every engine
+            with timer("perception"):
+                self.perception.apply(groups, self.roles.fleet.generate)
+            groups = broadcast(groups)  # the driver graded them
         self.tokens.generated += sum(len(r.response_token_ids) for g in groups for r in g.rollouts)
         return groups
 
@@ -121,13 +156,21 @@ class SparkTrainer:
             r.verdict = v
 
     def update(self, groups: list, timer: StageTimer, phase: str) -> dict:
-        """Advantages -> old/ref logprobs -> optimizer steps over mini-batches (one pass, as in the paper)."""
+        """Advantages -> engines sleep -> old/ref logprobs -> optimizer steps over mini-batches (one pass, as in
+        the paper) -> push into every engine (the next rollout samples the updated policy)."""
         seqs = self.sequences.build(groups)
         self.tokens.trained += sum(len(s.tokens) for s in seqs)
+        sampled_by = min((r.policy_version for g in groups for r in g.rollouts), default=self.roles.policy_version)
+        self.roles.sleep()
         with timer("logprobs"):
             self.roles.fill_logprobs(seqs)
         with timer("train"):
             out = self.roles.actor.train_step(seqs, self.roles.loss_fn, with_entropy=True)
+        out.update(self.mismatch.take(out))
+        self.state.check_updates(f"step {self.state.step} ({phase} update)")
+        with timer("sync"):
+            self.roles.push_weights()
+        out.update(rollout_policy_version=sampled_by, pushed_version=self.roles.policy_version)
         return {f"{phase}/{k}": v for k, v in out.items()}
 
     def recycle(self, groups: list, step: int) -> dict:
@@ -145,12 +188,14 @@ class SparkTrainer:
     def fit(self) -> dict:
         last = {}
         self.state.maybe_resume()
+        self.roles.sleep()  # the warm-up (if any) trains the actor; the push below wakes the engines
         self.state.maybe_warmup(self.sequences)
         self.roles.push_weights()
         for step, batch in self.state.batches():
             self.queue.start_epoch(batch.epoch)
             row = self.train_step(step, batch.prompts)
             row["epoch"] = batch.epoch
+            row.update(self.state.counters())
             last = self.state.logger.log(step, row)
             self.state.progress(step, last)
             self.state.maybe_checkpoint(step)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from spark_megatron.algo import grpo_advantages
+from spark_megatron.algo import ADVANTAGE_ESTIMATORS, compute_advantages
 from spark_megatron.types import RolloutGroup, TaskKind
+from spark_megatron.verify.perception import perception_metrics
 
 _JUDGE_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
 
@@ -21,6 +22,7 @@ class SequenceBuilder:
 
     def __init__(self, tokenizer, algo_cfg, rollout_cfg, image_preprocessor=None):
         self.tokenizer, self.algo, self.rollout = tokenizer, algo_cfg, rollout_cfg
+        ADVANTAGE_ESTIMATORS.get(algo_cfg.adv_estimator)  # an unknown algorithm.adv_estimator fails here, named
         self.image_preprocessor = image_preprocessor
         self._vision_ids = None
 
@@ -52,11 +54,12 @@ class SequenceBuilder:
         return ids, lps
 
     def advantages(self, groups: list) -> list:
-        """One [n] advantage tensor per group (groups may differ in size when some rollouts failed)."""
+        """One [n] advantage tensor per group (groups may differ in size when some rollouts failed), from the
+        estimator named by algorithm.adv_estimator."""
         out = []
         for g in groups:
             rewards = torch.tensor([g.rewards], dtype=torch.float64)  # [1, n]
-            adv = grpo_advantages(rewards, eps=self.algo.adv_eps, unbiased=self.algo.adv_std_unbiased)
+            adv = compute_advantages(rewards, self.algo)
             out.append(adv[0].float())
         return out
 
@@ -96,7 +99,8 @@ def _mean(xs):
 
 
 def group_metrics(groups: list, prefix: str = "") -> dict:
-    """Accuracy per task kind (policy, judge = pointwise+pairwise, reflection), lengths, all-same groups."""
+    """Accuracy per task kind (policy, judge = pointwise+pairwise, reflection), lengths, all-same groups, and the
+    Vision-SR1 perception metrics where rollouts have them."""
     by_kind: dict = {}
     for g in groups:
         by_kind.setdefault(g.prompt.kind, []).append(g)
@@ -120,6 +124,7 @@ def group_metrics(groups: list, prefix: str = "") -> dict:
     for kind in (TaskKind.POINTWISE, TaskKind.PAIRWISE, TaskKind.REFLECTION):
         if kind in by_kind:
             out[f"{prefix}{kind.value}/accuracy"] = acc(by_kind[kind])
+    out.update({prefix + k: v for k, v in perception_metrics(groups).items()})
     return out
 
 

@@ -66,6 +66,10 @@ class Verdict:
     """Scalar reward used for the advantage (accuracy plus optional format/perception terms)."""
     timed_out: bool = False
     """True when the equivalence check was cut off by the per-item timeout (counted as wrong)."""
+    format_score: Optional[float] = None
+    """Vision-SR1 rollouts: the layout score in `reward` (verify.perception.sr1_format_score); None otherwise."""
+    perception: Optional[float] = None
+    """Vision-SR1 rollouts: 1.0 if the text-only answer from the rollout's description was right; None otherwise."""
 
 
 @dataclass

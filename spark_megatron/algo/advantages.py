@@ -45,7 +45,7 @@ def grpo_mean_only_advantages(rewards: torch.Tensor, eps: float = 1e-9, unbiased
 
 def compute_advantages(rewards: torch.Tensor, cfg) -> torch.Tensor:
     """[G, n] -> [G, n] with the estimator, eps and std flavour named in an `AlgorithmConfig`."""
-    fn = ADVANTAGE_ESTIMATORS.get(getattr(cfg, "adv_estimator", "grpo"))
+    fn = ADVANTAGE_ESTIMATORS.get(cfg.adv_estimator)
     return fn(rewards, eps=cfg.adv_eps, unbiased=cfg.adv_std_unbiased)
 
 

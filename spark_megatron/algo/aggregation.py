@@ -19,7 +19,9 @@ Count = Union[int, float, torch.Tensor, None]
 
 
 def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return values * mask.to(values.dtype)
+    """values where mask, else 0: a select, not a product, so inf or NaN at a masked position cannot leak into
+    the sum (inf * 0 = NaN) and its gradient there is exactly 0."""
+    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 @LOSS_AGGREGATIONS.register("token-mean")

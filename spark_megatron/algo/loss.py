@@ -8,13 +8,14 @@ import torch
 from spark_megatron.algo.aggregation import Count, aggregate_loss
 from spark_megatron.algo.advantages import token_advantages
 from spark_megatron.algo.kl import kl_penalty
-from spark_megatron.algo.policy_loss import POLICY_LOSSES, truncated_is_weights
+from spark_megatron.algo.policy_loss import ppo_clip_loss, truncated_is_weights
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Local diagnostic mean over response tokens (0 for an empty mask), detached."""
-    m = mask.to(values.dtype)
-    return ((values.detach() * m).sum() / m.sum().clamp(min=1)).detach()
+    m = mask.bool()
+    picked = torch.where(m, values.detach(), torch.zeros((), dtype=values.dtype, device=values.device))
+    return (picked.sum() / m.sum().clamp(min=1)).detach()
 
 
 def spark_grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor],
@@ -38,7 +39,7 @@ def spark_grpo_loss(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor]
         advantages = token_advantages(advantages.to(logprobs.dtype), mask)
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
-    terms = POLICY_LOSSES.get("ppo_clip")(logprobs, old_logprobs, advantages, cfg.clip_low, cfg.clip_high)
+    terms = ppo_clip_loss(logprobs, old_logprobs, advantages, cfg.clip_low, cfg.clip_high)
     pg_tok = terms.loss
     metrics = {}
     if cfg.tis_cap is not None and rollout_logprobs is not None:

@@ -5,10 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from spark_megatron.algo.registry import Registry
-
-POLICY_LOSSES = Registry("policy loss")
-
 _MAX_LOG_RATIO = 20.0
 """exp() of a log-ratio beyond this overflows in bf16/fp16 and means the sample is far off-policy anyway."""
 
@@ -27,7 +23,6 @@ class PolicyLossTerms:
     """bool: A > 0 and ratio > 1 + clip_high."""
 
 
-@POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                   clip_low: float = 0.2, clip_high: float = 0.2) -> PolicyLossTerms:
     """max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)) per token.

@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -142,13 +142,15 @@ def save_model_snapshot(actor, out_dir) -> Path:
 
 
 def save_train_state(actor, ckpt_dir, extra_state: dict, rng: bool = True,
-                     keep_last: Optional[int] = None) -> Path:
+                     keep_last: Optional[int] = None, belongs: Optional[Callable[[Path], bool]] = None,
+                     protect: Iterable[str] = ()) -> Path:
     """Save everything needed to resume `actor` bit-exactly; every rank calls.
 
-    `extra_state`: the trainer's JSON-serialisable state (step, data cursor, recycle queue, policy version);
-    its "step" (int) also becomes the checkpoint's step. The directory appears atomically with its `complete`
-    marker; then `<parent>/latest` is pointed at it, and with `keep_last` older complete checkpoints in the
-    same parent are deleted. Returns the checkpoint directory.
+    `extra_state`: the trainer's JSON-serialisable state (step, data cursor, recycle queue, policy version,
+    run id); its "step" (int) also becomes the checkpoint's step. The directory appears atomically with its
+    `complete` marker; then `<parent>/latest` is pointed at it, and with `keep_last` older complete checkpoints
+    in the same parent are deleted: only those for which `belongs(path)` holds (the run's own), never the names
+    in `protect`. Returns the checkpoint directory.
     """
     from spark_megatron.checkpoint.megatron_format import save_sharded_checkpoint
 
@@ -163,7 +165,7 @@ def save_train_state(actor, ckpt_dir, extra_state: dict, rng: bool = True,
     def point_latest(published: Path) -> None:
         write_latest(published.parent, published.name)
         if keep_last:
-            prune(published.parent, keep_last, keep=published.name)
+            prune(published.parent, keep_last, keep=published.name, belongs=belongs, protect=protect)
 
     # tokenizer etc. travel along, so the checkpoint exports to a complete HF directory
     save_sharded_checkpoint(sharded, out, meta, aux_from=actor.hf_dir or getattr(actor.model_cfg, "megatron_path", None),
@@ -229,10 +231,30 @@ def find_latest_complete(run_dir) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def prune(run_dir, keep_last: int, keep: Optional[str] = None) -> list:
-    """Delete all but the newest `keep_last` complete checkpoints (never `keep`); returns what was removed."""
-    found = complete_checkpoints(run_dir)
-    doomed = [p for p in found[:max(len(found) - keep_last, 0)] if p.name != keep]
+def checkpoint_run_id(path) -> Optional[str]:
+    """The run id a train-state checkpoint was written by (None: no id, or unreadable metadata)."""
+    try:
+        ts = read_meta(path).extra.get("train_state") or {}
+    except CheckpointError:
+        return None
+    extra = ts.get("extra_state") if isinstance(ts, dict) else None
+    return extra.get("run_id") if isinstance(extra, dict) else None
+
+
+def run_checkpoints(run_dir, run_id: Optional[str], adopt_unmarked: bool = False) -> list:
+    """Complete checkpoints written by run `run_id` (with `adopt_unmarked`, also those without an id), oldest
+    first; checkpoints of any other run in the directory are not this run's to resume from or to prune."""
+    ok = {run_id, None} if adopt_unmarked else {run_id}
+    return [p for p in complete_checkpoints(run_dir) if checkpoint_run_id(p) in ok]
+
+
+def prune(run_dir, keep_last: int, keep: Optional[str] = None, belongs: Optional[Callable[[Path], bool]] = None,
+          protect: Iterable[str] = ()) -> list:
+    """Delete all but the newest `keep_last` complete checkpoints (never `keep` or a name in `protect`; with
+    `belongs`, only checkpoints it accepts are counted or deleted); returns what was removed."""
+    found = [p for p in complete_checkpoints(run_dir) if belongs is None or belongs(p)]
+    spared = {keep, *protect}
+    doomed = [p for p in found[:max(len(found) - keep_last, 0)] if p.name not in spared]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -261,20 +283,63 @@ def load_train_state(actor, ckpt_dir, rng: bool = True) -> dict:
                               f"'extra' (a model-only checkpoint?)")
     same_layout = ts["layout"] == _layout()
     with_rng = rng and ts.get("rng_saved", False) and same_layout
-    init_states_for_load(actor.optimizer)
-    sharded = _sharded_state(actor, is_loading=True, with_rng=with_rng)
     try:
+        init_states_for_load(actor.optimizer)
+        sharded = _sharded_state(actor, is_loading=True, with_rng=with_rng)
         loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict=StrictHandling.RAISE_UNEXPECTED)
-    except Exception as e:  # noqa: BLE001 - dist_checkpointing raises many types; one clear line instead
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{ckpt_dir}: cannot load train state ({type(e).__name__}: {first[:300]})") \
-            from None
-    actor.model_chunks[0].load_state_dict(loaded["model"], strict=True)
-    with keep_adam_step_on_load(actor.optimizer):
-        actor.optimizer.load_state_dict(loaded["optimizer"])
-    actor.scheduler.num_steps = 0  # load_state_dict advances by the saved count
-    actor.scheduler.load_state_dict(ts["scheduler"])
-    actor.steps_done = int(ts.get("steps_done", 0))
-    if with_rng:
-        restore_rng(loaded["rng_state"])
+        actor.model_chunks[0].load_state_dict(loaded["model"], strict=True)
+        with keep_adam_step_on_load(actor.optimizer):
+            actor.optimizer.load_state_dict(loaded["optimizer"])
+        actor.scheduler.num_steps = 0  # load_state_dict advances by the saved count
+        actor.scheduler.load_state_dict(ts["scheduler"])
+        actor.steps_done = int(ts.get("steps_done", 0))
+        if with_rng:
+            restore_rng(loaded["rng_state"])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException derives from BaseException
+        raise CheckpointError(f"{ckpt_dir}: cannot load train state ({load_failure_reason(e)})") from None
     return dict(ts["extra_state"])
+
+
+def load_failure_reason(e: BaseException) -> str:
+    """One line for a failed load: the first rank's own exception inside torch's CheckpointException (whose
+    text is a traceback per rank), else the exception's first line."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = inner[0] if isinstance(inner, tuple) else e
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+
+
+def scan_checkpoint(ckpt_dir) -> Optional[str]:
+    """Why a complete-looking checkpoint cannot load, as far as its structure tells without loading it (its
+    metadata does not parse, a data file is missing or shorter than the metadata says); None if it looks sound.
+    Bytes garbled inside a data file are only found by loading (load_train_state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    if not is_complete(ckpt_dir):
+        return f"no '{COMPLETE_MARKER}' marker or {META_FILE}"
+    try:
+        ts = read_meta(ckpt_dir).extra.get("train_state")
+        if not isinstance(ts, dict) or ts.get("version") != TRAIN_STATE_VERSION:
+            return f"no train_state (version {TRAIN_STATE_VERSION}) in {META_FILE}"
+        storage = FileSystemReader(str(ckpt_dir)).read_metadata().storage_data
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - unpickling a damaged .metadata raises anything
+        return load_failure_reason(e)
+    need: dict = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size < size:
+            return f"{name} is truncated ({path.stat().st_size} of {size} bytes)"
+    if not (ckpt_dir / "common.pt").is_file() or (ckpt_dir / "common.pt").stat().st_size == 0:
+        return "common.pt is missing or empty"
+    return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -77,22 +78,25 @@ def _load_source(spec: str, on_bad_record: str, defaults: ImageDefaults, out: li
             out.append(parse_record(raw.value, spec, raw.index, src.base_dir, defaults))
             report.loaded += 1
         except RecordError as e:
+            problem = dataclasses.replace(e.problem, line=raw.index + 1) if src.kind == "jsonl" else e.problem
             if on_bad_record == "fail":
-                raise DataError(f"bad record: {e.problem} (set data.on_bad_record=skip to skip such records)",
-                                e.problem) from None
-            report.skipped[e.problem.reason.value] += 1
+                raise DataError(f"bad record: {problem} (set data.on_bad_record=skip to skip such records)",
+                                problem) from None
+            report.skipped[problem.reason.value] += 1
             if len(report.examples) < MAX_EXAMPLES:
-                report.examples.append(str(e.problem))
+                report.examples.append(str(problem))
     return report
 
 
 def load_prompts(specs: Sequence[str], on_bad_record: str = "fail", image_max_pixels: Optional[int] = None,
-                 image_min_pixels: Optional[int] = None, check_images: bool = True) -> LoadedPrompts:
+                 image_min_pixels: Optional[int] = None, check_images: bool = True,
+                 warn: bool = True) -> LoadedPrompts:
     """All prompts of `specs` in order (JSONL, JSON list, `hf:<dir|file>[#split]`, `synthetic:arith[?...]`,
     `synthetic:shapes[?...]`).
 
     on_bad_record: "fail" raises DataError at the first bad record (message names file, index and field);
-    "skip" drops it and counts it per reason in the report, which is also logged. Nothing is dropped silently.
+    "skip" drops it and counts it per reason in the report, which is also logged (unless `warn` is false: the
+    caller reports it). Nothing is dropped silently.
     Image parts without their own max/min_pixels get the given defaults.
     """
     if on_bad_record not in ("fail", "skip"):
@@ -102,10 +106,16 @@ def load_prompts(specs: Sequence[str], on_bad_record: str = "fail", image_max_pi
     defaults = ImageDefaults(image_max_pixels, image_min_pixels, check_images)
     prompts: list = []
     report = LoadReport([_load_source(spec, on_bad_record, defaults, prompts) for spec in specs])
-    if report.skipped:
+    if report.skipped and warn:
         logger.warning("skipped %d bad records:\n%s", report.skipped, report.summary())
-    if not prompts:
-        raise DataError(f"no usable records in {', '.join(specs)}:\n{report.summary()}")
+    if not prompts:  # first line stands alone (the CLI prints only it); the full report follows
+        reasons = collections.Counter()
+        for src in report.sources:
+            reasons.update(src.skipped)
+        first = next((e for src in report.sources for e in src.examples), None)
+        raise DataError(f"no usable records in {', '.join(specs)} ({report.skipped} skipped: "
+                        + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
+                        + (f"; first: {first}" if first else "") + f")\n{report.summary()}")
     return LoadedPrompts(prompts, report)
 
 

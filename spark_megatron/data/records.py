@@ -25,6 +25,14 @@ class BadReason(str, enum.Enum):
     """`message` is not valid JSON or not a well-formed list of chat messages."""
     EMPTY_ANSWER = "empty_answer"
     MISSING_IMAGE = "missing_image"
+    BAD_IMAGE = "bad_image"
+    """The image file exists but does not decode (empty, truncated, not an image)."""
+    UNDECODABLE_LINE = "undecodable_line"
+    """A JSONL line that is not valid UTF-8."""
+
+
+MAX_ASPECT_RATIO = 200
+"""Longest/shortest side beyond which the Qwen2.5-VL sizing rule refuses an image (vision.images.smart_resize)."""
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,12 @@ class RecordProblem:
     field: str
     reason: BadReason
     detail: str
+    line: Optional[int] = None
+    """1-based line of a JSONL record (None for other sources)."""
 
     def __str__(self) -> str:
-        return f"{self.source}: record {self.index}: field '{self.field}': {self.reason.value}: {self.detail}"
+        where = f"record {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+        return f"{self.source}: {where}: field '{self.field}': {self.reason.value}: {self.detail}"
 
 
 class DataError(ValueError):
@@ -60,6 +71,7 @@ class ImageDefaults:
     max_pixels: Optional[int] = None
     min_pixels: Optional[int] = None
     check_exists: bool = True
+    """Local images must exist and decode (PIL's structural check, no full decode)."""
 
 
 class _RecordParser:
@@ -110,6 +122,9 @@ class _RecordParser:
             path = os.path.normpath(os.path.join(self.base_dir, path))
             if self.defaults.check_exists and not os.path.isfile(path):
                 self.fail(f"{where}.image", BadReason.MISSING_IMAGE, f"no such file: {path}")
+            why = image_problem(path) if self.defaults.check_exists else None
+            if why:
+                self.fail(f"{where}.image", BadReason.BAD_IMAGE, f"{path}: {why}")
         sizes = {}
         for key in ("max_pixels", "min_pixels"):
             value = part.get(key, getattr(self.defaults, key))
@@ -126,6 +141,28 @@ class _RecordParser:
         if not text:
             self.fail("answer", BadReason.EMPTY_ANSWER, "empty ground truth")
         return text
+
+
+def image_problem(path: str) -> Optional[str]:
+    """Why the image file at `path` cannot be used (None when it opens and passes PIL's integrity check: header,
+    chunk structure and, for PNG, the checksums; a zero-byte, truncated or garbled file fails)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            im.verify()
+    except UnidentifiedImageError:
+        return "not a readable image"
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        return f"does not decode ({type(e).__name__}: {str(e)[:120]})"
+    if min(width, height) <= 0:
+        return f"zero-size image ({width}x{height})"
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        return f"aspect ratio {max(width, height) / min(width, height):.0f} exceeds {MAX_ASPECT_RATIO}"
+    return None
 
 
 def parse_record(raw: Any, source: str, index: int, base_dir: str = ".",

@@ -59,8 +59,17 @@ def resolve_source(spec: str) -> Source:
 
 
 def _iter_jsonl(src: Source) -> Iterator[RawRecord]:
-    with open(src.path, encoding="utf-8") as f:
-        for index, line in enumerate(f):  # index = 0-based line number, so a report points at the line
+    # bytes, decoded line by line: one bad byte is one bad record (named by its line), not a dead reader
+    with open(src.path, "rb") as f:
+        for index, raw in enumerate(f):  # index = 0-based line number, so a report points at the line
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem = RecordProblem(src.spec, index, "<record>", BadReason.UNDECODABLE_LINE,
+                                        f"line {index + 1} is not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                        f"{e.start + 1})")
+                yield RawRecord(index, RecordError(problem))
+                continue
             if not line.strip():
                 continue
             try:
@@ -77,6 +86,8 @@ def _iter_json(src: Source) -> Iterator[RawRecord]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{src.spec}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:  # one JSON document: nothing to skip, the file as a whole is unreadable
+        raise DataError(f"{src.spec}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     if not isinstance(data, list):
         raise DataError(f"{src.spec}: a .json data file must hold a list of records, got {type(data).__name__}")
     for index, rec in enumerate(data):

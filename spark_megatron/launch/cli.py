@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Optional
 
-from spark_megatron.config import ConfigError, load_config
+from spark_megatron.config import ConfigError, check_values, load_config
 
 FORWARDED = {"train": "spark_megatron.launch.train_entry", "plot": "spark_megatron.plots",
              "eval": "spark_megatron.launch.eval_entry", "launch-eval": "spark_megatron.launch.eval_launch"}
@@ -78,6 +78,7 @@ def _load(args):
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "executor", None):
         cfg.launch.executor = args.executor
+    check_values(cfg)  # the value rules `train` applies, so a plan is never made for a recipe that cannot run
     arch = resolve_architecture(cfg, args.model_config)
     opts = PlanOptions(gpu_memory_gib=args.gpu_memory_gib, overhead_gib=args.overhead_gib,
                        layer_spec=args.layer_spec)
@@ -119,6 +120,7 @@ def cmd_launch(args) -> int:
         print(f"sbatch script  {out.sbatch_script}")
     print(f"torchrun       {out.command_file}")
     print(f"memory plan    {out.artifacts_dir / 'plan.txt'}")
+    print(f"engines        {report.layout.rollout.describe()}")
     print(("submitted" if out.submitted else "dry run: nothing submitted") + f"; command: {out.command}")
     return 0
 

@@ -100,15 +100,18 @@ class RolloutMemory:
 
 @dataclass
 class SyncTraffic:
-    """One actor -> vLLM weight sync."""
+    """One actor -> vLLM weight push into every engine (rollout/layout.py: what travels how)."""
 
     model_bytes: int
-    """The full model in the rollout dtype (HF tensors streamed once from the actor)."""
-    delivered_bytes: int
-    """Bytes the vLLM workers receive: every worker of an engine loads the full HF tensors and keeps its shard."""
-    tp_gather_bytes: int
-    """Bytes one actor rank receives in the TP all-gather of its stage (largest stage)."""
+    """The full model in the rollout dtype (every HF tensor once)."""
+    max_received_bytes: int
+    """Most bytes one rank receives per push (`rollout.layout.push_volume` of the trainer's layout)."""
+    block_bytes: int
+    """Bytes of the tensors that reach the engines as per-rank blocks (held in place within their stage)."""
     bucket_bytes: int
+    """The push's bucket buffer: rollout.sync_bucket_mb, or the largest reload unit when that is larger."""
+    staging_bytes: int
+    """Bound on the staging next to the bucket (the largest HF tensor)."""
 
 
 @dataclass
@@ -280,31 +283,49 @@ def rollout_memory(cfg, arch: ModelArchitecture, lay: DeviceLayout, device_bytes
                          kv_bytes_per_token=kv_per_token, kv_tokens=tokens, sequences_at_max_len=tokens // seq)
 
 
-def sync_traffic(cfg, arch: ModelArchitecture, lay: DeviceLayout) -> SyncTraffic:
+def push_tensors(cfg, arch: ModelArchitecture, lay: DeviceLayout) -> list:
+    """The HF tensors of a push as `rollout.layout.PushTensor`s, one per Megatron parameter (a fused QKV / fc1
+    is one reload unit and splits like its parts), with the trainer's block rule: at actor TP == rollout TP the
+    decoder's linear weights and norms travel as blocks, the vocab tensors too when neither Megatron nor vLLM pads
+    the vocabulary; the vision tower is assembled and broadcast."""
+    from spark_megatron.rollout.layout import PushTensor
+
     wbytes = 4 if cfg.model.params_dtype == "float32" else 2
-    model = total_params(arch) * wbytes
-    gather = 0
+    shape, equal = arch.text, lay.tp == lay.rollout_tp
+    vocab_block = equal and shape.vocab_size % 64 == 0
+    out = []
     for p in range(lay.pp):
-        entries = rank_params(arch, lay.tp, lay.pp, p, cfg.parallel.make_vocab_size_divisible_by)
-        gather = max(gather, sum(e.full_numel - e.numel for e in entries) * wbytes)
-    return SyncTraffic(model_bytes=model, delivered_bytes=model * lay.rollout_gpus, tp_gather_bytes=gather,
-                       bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+        for e in rank_params(arch, lay.tp, lay.pp, p, cfg.parallel.make_vocab_size_divisible_by):
+            if shape.tie_word_embeddings and e.name.endswith("output_layer.weight"):
+                continue  # HF ties lm_head to the embedding: not pushed
+            vocab = e.name.endswith(("word_embeddings.weight", "output_layer.weight"))
+            block = equal and not e.name.startswith("vision_model.") and \
+                ((vocab_block and e.padding == 0) if vocab else (e.norm or ".decoder.layers." in f".{e.name}"))
+            out.append(PushTensor((e.full_numel - e.padding) * wbytes, p, block, split=e.numel != e.full_numel))
+    return out
 
 
-def _phases(stages: list, rollout: RolloutMemory, sync: SyncTraffic, colocated: bool) -> list:
+def sync_traffic(cfg, arch: ModelArchitecture, lay: DeviceLayout) -> SyncTraffic:
+    from spark_megatron.rollout.layout import push_volume
+
+    tensors = push_tensors(cfg, arch, lay)
+    volume = push_volume(lay.rollout, tensors)
+    largest = max(t.nbytes for t in tensors)
+    return SyncTraffic(model_bytes=volume.model_bytes, max_received_bytes=volume.max_received_bytes,
+                       block_bytes=sum(t.nbytes for t in tensors if t.block),
+                       bucket_bytes=max(cfg.rollout.sync_bucket_mb << 20, largest), staging_bytes=largest)
+
+
+def _phases(stages: list, rollout: RolloutMemory, sync: SyncTraffic) -> list:
+    """Colocated (the trainer's only layout): vLLM sleeps while the actor trains, wakes its weights for the push
+    (one bucket + staging next to them), then its KV cache for the rollout."""
     out = []
     for st in stages:
         train = st.resident_bytes + st.activation_bytes + st.logits_bytes + st.fp8_weight_bytes
         out.append(PhasePeak("train", st.pp_rank, train))
-        if colocated:
-            out.append(PhasePeak("rollout", st.pp_rank, st.resident_bytes + rollout.share_bytes))
-            # vLLM woken with weights only while the actor streams one gathered bucket into it
-            out.append(PhasePeak("sync", st.pp_rank, st.resident_bytes + rollout.weight_bytes
-                                 + 2 * sync.bucket_bytes))
-        else:
-            out.append(PhasePeak("sync", st.pp_rank, st.resident_bytes + sync.bucket_bytes))
-    if not colocated:
-        out.append(PhasePeak("rollout (vLLM GPUs)", -1, rollout.share_bytes))
+        out.append(PhasePeak("rollout", st.pp_rank, st.resident_bytes + rollout.share_bytes))
+        out.append(PhasePeak("sync", st.pp_rank, st.resident_bytes + rollout.weight_bytes + sync.bucket_bytes
+                             + sync.staging_bytes))
     return out
 
 
@@ -330,7 +351,7 @@ def plan(cfg, arch: ModelArchitecture, opts: Optional[PlanOptions] = None, launc
                       seq_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens,
                       micro_batch_size=cfg.optim.micro_batch_size, gpu_memory_bytes=device,
                       overhead_bytes=int(opts.overhead_gib * GIB), stages=stages, rollout=rollout, sync=sync,
-                      phases=_phases(stages, rollout, sync, lay.colocated), notes=notes)
+                      phases=_phases(stages, rollout, sync), notes=notes)
 
 
 def check_fits(report: PlanReport) -> None:

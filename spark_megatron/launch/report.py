@@ -39,7 +39,8 @@ def format_report(r: PlanReport) -> str:
     out = [f"model        {r.architecture} ({size} params) from {r.model_source}",
            f"layout       {lay.world} GPUs: actor TP {lay.tp} x PP {lay.pp} x DP {lay.dp}"
            f"{f' (VPP {lay.vpp})' if lay.vpp else ''}; vLLM {lay.engines} engine(s) x TP {lay.rollout_tp} "
-           f"({'colocated' if lay.colocated else f'{lay.rollout_gpus} dedicated GPUs'})",
+           f"(colocated)",
+           f"engines      {lay.rollout.describe()}",
            f"precision    params {r.params_dtype}, grads fp32, fp8 {r.fp8 or 'off'}; layer spec {r.layer_spec}",
            f"sequence     {r.seq_len} tokens x micro-batch {r.micro_batch_size}; {lay.microbatches} micro-batches "
            "per optimizer step per DP rank", ""]
@@ -49,9 +50,11 @@ def format_report(r: PlanReport) -> str:
     out += [f"vLLM per GPU  share {ro.share_bytes / GIB:.2f} GiB = weights {ro.weight_bytes / GIB:.2f} GiB + KV cache "
             f"{ro.kv_cache_bytes / GIB:.2f} GiB ({ro.kv_tokens:,} tokens per engine = {ro.sequences_at_max_len} "
             f"sequences of {r.seq_len})",
-            f"weight sync   {r.sync.model_bytes / GIB:.2f} GiB of weights per sync, {r.sync.delivered_bytes / GIB:.2f}"
-            f" GiB delivered to {lay.rollout_gpus} vLLM workers; TP all-gather {r.sync.tp_gather_bytes / GIB:.2f} GiB "
-            f"per actor rank; bucket {r.sync.bucket_bytes >> 20} MiB", ""]
+            f"weight push   {r.sync.model_bytes / GIB:.2f} GiB of weights into each of {lay.engines} engine(s) per "
+            f"push; each GPU receives at most {r.sync.max_received_bytes / GIB:.2f} GiB "
+            f"({r.sync.max_received_bytes / max(r.sync.model_bytes, 1):.2f}x the model; "
+            f"{r.sync.block_bytes / GIB:.2f} GiB travel as per-rank blocks); bucket {r.sync.bucket_bytes >> 20} MiB "
+            f"+ staging {r.sync.staging_bytes >> 20} MiB", ""]
     rows = [[p.phase, "vLLM" if p.pp_rank < 0 else str(p.pp_rank), _gib(p.bytes),
              _gib(p.bytes + r.overhead_bytes)] for p in r.phases]
     out += _table(["phase", "stage", "GiB", "+overhead GiB"], rows) + [""]

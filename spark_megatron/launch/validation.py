@@ -1,6 +1,7 @@
 """Checks a recipe must pass before anything is planned or submitted, each failing with the reason.
 
-Covered: the device layout (world size = TP x PP x DP, rollout TP dividing the GPUs and the model's heads),
+Covered: the device layout (world size = TP x PP x DP, the rollout engines from `rollout.layout.rollout_layout`,
+the function the trainer builds its engines from, rollout TP dividing the model's heads),
 the model's divisibility by TP/PP (the model family's own check, so the planner rejects exactly what the model
 builder would), batch sizes that split into micro-batches, the precision target (FP8 only on Hopper with
 Transformer Engine, sequence parallelism only with TE) and the executor settings Slurm needs.
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from spark_megatron.launch.architecture import ModelArchitecture
-from spark_megatron.models.qwen2 import ModelSpecError
+if TYPE_CHECKING:  # the model modules import torch; the layout and batch checks run before it is loaded
+    from spark_megatron.launch.architecture import ModelArchitecture
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 FP8_ARCHS = ("hopper",)
@@ -30,7 +31,8 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class DeviceLayout:
-    """How the job's GPUs are split between the actor's TP x PP x DP grid and the vLLM engines."""
+    """How the job's GPUs are split between the actor's TP x PP x DP grid and the vLLM engines (colocated: every
+    GPU hosts an actor rank and its part of an engine)."""
 
     world: int
     """nodes x gpus_per_node."""
@@ -47,10 +49,15 @@ class DeviceLayout:
     microbatches: int
     """Micro-batches per optimizer step per DP rank = train_batch_size / (micro_batch_size x DP)."""
     colocated: bool
+    rollout: object = None
+    """The trainer's `RolloutLayout` for this job (engine ranks, sleep, push mode)."""
 
 
 def resolve_architecture(cfg, model_config: Optional[str] = None) -> ModelArchitecture:
     """The model facts for planning: `model_config` (CLI) > model.hf_path if readable > launch.model_config."""
+    from spark_megatron.launch.architecture import ModelArchitecture
+    from spark_megatron.models.qwen2 import ModelSpecError
+
     candidates = []
     if model_config:
         candidates.append(("--model-config", model_config))
@@ -79,6 +86,7 @@ def _tiny_architecture(hf_path: str, seed: int) -> ModelArchitecture:
     tokenizer) into a scratch directory and read its config."""
     import tempfile
 
+    from spark_megatron.launch.architecture import ModelArchitecture
     from spark_megatron.launch.train_entry import TINY_KINDS, write_tiny
 
     kind = hf_path.split(":", 1)[1]
@@ -92,41 +100,42 @@ def _tiny_architecture(hf_path: str, seed: int) -> ModelArchitecture:
 
 def device_layout(cfg) -> DeviceLayout:
     """Derive the layout; raises RecipeError when the GPUs cannot be split as configured."""
+    from spark_megatron.rollout.layout import LayoutError, rollout_layout
+
     par, lc, ro = cfg.parallel, cfg.launch, cfg.rollout
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    tp, pp, dp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.data_parallel_size
     problems = []
-    if min(tp, pp, ro.tensor_parallel_size, lc.nodes, lc.gpus_per_node) < 1:
-        raise RecipeError("TP, PP, rollout TP, launch.nodes and launch.gpus_per_node must all be >= 1")
+    if min(tp, pp, dp, ro.tensor_parallel_size, lc.nodes, lc.gpus_per_node) < 1:
+        raise RecipeError("TP, PP, DP, rollout TP, launch.nodes and launch.gpus_per_node must all be >= 1")
     world = lc.nodes * lc.gpus_per_node
-    rollout_gpus = world if ro.colocate else lc.rollout_gpus
-    actor_world = world if ro.colocate else world - lc.rollout_gpus
-    if not ro.colocate and not 0 < lc.rollout_gpus < world:
-        problems.append(f"rollout.colocate=false needs 0 < launch.rollout_gpus < {world} GPUs, "
-                        f"got {lc.rollout_gpus}")
-    if actor_world > 0 and actor_world % (tp * pp):
-        problems.append(f"world size mismatch: {actor_world} actor GPUs (launch.nodes {lc.nodes} x "
-                        f"gpus_per_node {lc.gpus_per_node}{'' if ro.colocate else f' - rollout_gpus {lc.rollout_gpus}'}"
-                        f") is not a multiple of TP {tp} x PP {pp}")
-    if rollout_gpus > 0 and rollout_gpus % ro.tensor_parallel_size:
-        problems.append(f"rollout.tensor_parallel_size {ro.tensor_parallel_size} does not divide the "
-                        f"{rollout_gpus} rollout GPUs")
-    if ro.tensor_parallel_size > lc.gpus_per_node:
-        problems.append(f"rollout.tensor_parallel_size {ro.tensor_parallel_size} spans nodes "
-                        f"(gpus_per_node {lc.gpus_per_node}); a vLLM engine must fit on one node")
+    if lc.rollout_gpus:
+        problems.append(f"launch.rollout_gpus {lc.rollout_gpus}: dedicated rollout GPUs are not built (engines run "
+                        "colocated on every GPU); set launch.rollout_gpus=0")
+    if world != tp * pp * dp:
+        problems.append(f"world size mismatch: {world} actor GPUs (launch.nodes {lc.nodes} x gpus_per_node "
+                        f"{lc.gpus_per_node}) is not TP {tp} x PP {pp} x DP {dp} (parallel.data_parallel_size) = "
+                        f"{tp * pp * dp}")
+    rollout = None
+    if world == tp * pp * dp or not ro.colocate:
+        try:
+            rollout = rollout_layout(world, tp, pp, ro.tensor_parallel_size, ro.colocate, ro.sleep_level,
+                                     on_gpu=lc.gpu_arch != "cpu", engine=ro.engine, gpus_per_node=lc.gpus_per_node)
+        except LayoutError as e:
+            problems.append(str(e))
     if problems:
         raise RecipeError("; ".join(problems))
-    dp = actor_world // (tp * pp)
     opt = cfg.optim
     per_step = opt.micro_batch_size * dp
-    return DeviceLayout(world=world, actor_world=actor_world, tp=tp, pp=pp, dp=dp,
+    return DeviceLayout(world=world, actor_world=world, tp=tp, pp=pp, dp=dp,
                         vpp=par.virtual_pipeline_model_parallel_size, rollout_tp=ro.tensor_parallel_size,
-                        rollout_gpus=rollout_gpus, engines=rollout_gpus // ro.tensor_parallel_size,
+                        rollout_gpus=world, engines=rollout.engines,
                         microbatches=max(1, opt.train_batch_size // per_step) if per_step else 1,
-                        colocated=ro.colocate)
+                        colocated=True, rollout=rollout)
 
 
 def _model_problems(arch: ModelArchitecture, lay: DeviceLayout) -> list:
     from spark_megatron.models.families import family_for_config
+    from spark_megatron.models.qwen2 import ModelSpecError
 
     problems = []
     try:
@@ -202,15 +211,16 @@ def _executor_problems(cfg) -> list:
     return problems
 
 
-def validate_recipe(cfg, arch: ModelArchitecture, launching: bool = False) -> DeviceLayout:
+def validate_recipe(cfg, arch: Optional[ModelArchitecture], launching: bool = False) -> DeviceLayout:
     """Every check at once (with `launching`, also what the executor needs: account, tunnel, mounts);
-    raises RecipeError listing all problems, else returns the device layout."""
+    raises RecipeError listing all problems, else returns the device layout. Without `arch` the checks that
+    need the model's shape are left out (the trainer's preflight runs them once the model is at hand)."""
     problems = _precision_problems(cfg) + (_executor_problems(cfg) if launching else [])
     try:
         lay = device_layout(cfg)
     except RecipeError as e:
         raise RecipeError("; ".join(problems + [str(e)])) from None
-    problems += _model_problems(arch, lay)
+    problems += _model_problems(arch, lay) if arch is not None else []
     problems += _batch_problems(cfg, lay)
     if problems:
         raise RecipeError("; ".join(problems))

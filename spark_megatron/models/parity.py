@@ -80,7 +80,7 @@ def megatron_forward(model, inputs, vocab_size: int):
     handles = _capture_layer_outputs(model, hidden)
     tokens = inputs.tokens
     pos = inputs.position_ids if inputs.position_ids is not None else \
-        torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
     def collect_logits(output, _mb):
         return gather_from_tensor_model_parallel_region(output)[..., :vocab_size].float().clone()

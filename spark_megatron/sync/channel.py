@@ -6,10 +6,16 @@ actor's global rank 0 (it holds a `ChannelSink`); members 1..n are engine proces
 `serve_weight_updates`. Buckets travel as raw broadcasts of the flat buffer; control messages are small pickled
 objects. Every bucket is preceded by an 8-byte header, so an actor-side failure midway can tell the engines to
 stop (they then mark themselves stale) instead of leaving them waiting.
+
+Exposure: the store master listens only on the address it is given (a socket bound there is handed to the
+TCPStore; torch's own server would listen on every interface), and control messages are unpickled by an
+allow-list unpickler that builds nothing but the plan's own types, torch dtypes and plain containers.
 """
 from __future__ import annotations
 
+import io
 import pickle
+import socket
 from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
@@ -27,27 +33,37 @@ _COMMIT = -2
 class SyncChannel:
     """Broadcast-only side group; `rank` 0 is the actor side."""
 
-    def __init__(self, pg, rank: int, size: int, device: torch.device):
+    def __init__(self, pg, rank: int, size: int, device: torch.device, timeout: Optional[timedelta] = None):
         self.pg, self.rank, self.size, self.device = pg, rank, size, device
+        self.timeout = timeout
+        """Limit of one transfer (None: the group's own)."""
 
     @classmethod
     def connect(cls, host: str, port: int, rank: int, size: int, is_master: bool, backend: str = "gloo",
-                timeout_s: float = 600) -> "SyncChannel":
-        """Join the channel; blocks until all `size` members joined. Exactly one member is the store master."""
+                timeout_s: float = 600, join_timeout_s: Optional[float] = None) -> "SyncChannel":
+        """Join the channel; blocks until all `size` members joined (at most `join_timeout_s`, default
+        `timeout_s`, the limit of every later transfer). Exactly one member is the store master."""
         import torch.distributed as dist
 
-        timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, size, is_master, timeout=timeout, wait_for_workers=False)
+        timeout, join = timedelta(seconds=timeout_s), timedelta(seconds=join_timeout_s or timeout_s)
+        listener = _listen(host, port) if is_master else None
+        try:
+            store = dist.TCPStore(host, port, size, is_master, wait_for_workers=False,
+                                  timeout=join,
+                                  master_listen_fd=listener.fileno() if listener is not None else None)
+        finally:
+            if listener is not None:
+                listener.detach()  # the store's server owns the socket now
         store = dist.PrefixStore("spark_sync", store)
         if backend == "nccl":
             pg = dist.ProcessGroupNCCL(store, rank, size)
             device = torch.device("cuda", torch.cuda.current_device())
         elif backend == "gloo":
-            pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+            pg = dist.ProcessGroupGloo(store, rank, size, join)  # joining waits for every member
             device = torch.device("cpu")
         else:
             raise ValueError(f"channel backend must be gloo or nccl, got '{backend}'")
-        return cls(pg, rank, size, device)
+        return cls(pg, rank, size, device, timeout)
 
     def close(self) -> None:
         """Drop the side group (its sockets close once no member uses them)."""
@@ -58,6 +74,8 @@ class SyncChannel:
 
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
+        if self.timeout is not None:
+            opts.timeout = self.timeout
         self.pg.broadcast([t], opts).wait()
 
     def send_obj(self, obj) -> None:
@@ -71,12 +89,42 @@ class SyncChannel:
         self.broadcast(n, src)
         data = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
         self.broadcast(data, src)
-        return pickle.loads(data.cpu().numpy().tobytes())
+        return _SafeUnpickler(io.BytesIO(data.cpu().numpy().tobytes())).load()
 
     def header(self, value: int, src: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         self.broadcast(t, src)
         return int(t.item())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound to `host` only (IPv4 or IPv6, as the address resolves)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(128)
+    return sock
+
+
+_ALLOWED = {
+    "spark_megatron.sync.manifest": {"SyncPlan", "BucketPlan", "TensorSpec"},
+    "spark_megatron.sync.actor": {"_Producer"},
+    "builtins": {"tuple", "list", "dict", "set", "frozenset", "str", "int", "float", "bool"},
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Builds only the channel's own message types: plans, specs, torch dtypes, plain containers."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"sync channel: refusing to build {module}.{name}")
 
 
 class ChannelSink:

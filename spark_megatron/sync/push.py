@@ -9,7 +9,9 @@ Delivery for Megatron actors (`push_actor_weights`):
   rank 0, which holds the sink (an in-process engine, or a `ChannelSink` to engine processes). No rank ever
   gathers the full model; stages stream one bucket at a time.
 - "broadcast": each bucket is broadcast from its stage leader to every rank, and every rank that passes a sink
-  loads it (colocated engines: one engine replica per rank, e.g. vLLM with external_launcher).
+  loads it.
+- "colocated": every rank holds its part of an engine (vLLM external_launcher); tensors the ranks already hold
+  as the engine's blocks stay where they are or travel as blocks (`sync.blocks`), the rest is broadcast.
 TP shards are assembled into full HF tensors on each stage's leader (`sync.reshard`), so the engine's TP size is
 independent of the actor's.
 """
@@ -112,6 +114,8 @@ class PushStats:
     """Time in sink.push (engine load, or the channel to engine processes)."""
     peak_tracked_bytes: int = 0
     bucket_capacity: int = 0
+    received_bytes: int = 0
+    """Bytes this rank received from other ranks (actor pushes: TP assembly, broadcasts, blocks)."""
 
     @property
     def bytes_per_s(self) -> float:

@@ -97,12 +97,14 @@ def stage_jobs(model, registry, tied: bool, dtype: Optional[torch.dtype], tp: in
     return jobs
 
 
-def _messages(jobs: list) -> list:
+def _messages(jobs: list, skip=frozenset()) -> list:
     """(tag, job index, segment) of every peer -> leader message of a bucket, in the order both sides post them:
     directly received ones first, then staged ones. One order on both sides also suits NCCL, which matches
-    point-to-point messages by order, not by tag."""
+    point-to-point messages by order, not by tag. Jobs whose index is in `skip` are not assembled."""
     msgs, tag = [], 0
     for i, job in enumerate(jobs):
+        if i in skip:
+            continue
         for seg in (job.layout.segments if job.layout else ()):
             if seg.rank != 0:
                 msgs.append((tag, i, seg))
@@ -117,11 +119,24 @@ class StageJobs(list):
     def __init__(self, jobs):
         super().__init__(jobs)
         self._msgs: dict = {}
+        self.skip: frozenset = frozenset()
+        """Indices of jobs the leader does not assemble (colocated pushes: tensors that travel as per-rank
+        blocks, see sync/blocks.py)."""
+
+    def set_skip(self, skip) -> None:
+        skip = frozenset(skip)
+        if skip != self.skip:
+            self.skip = skip
+            self._msgs.clear()
+
+    def skipped(self, start: int, n: int) -> frozenset:
+        """`skip` relative to a slice."""
+        return frozenset(i - start for i in self.skip if start <= i < start + n)
 
     def messages(self, start: int, n: int) -> list:
         key = (start, n)
         if key not in self._msgs:
-            self._msgs[key] = _messages(self[start:start + n])
+            self._msgs[key] = _messages(self[start:start + n], self.skipped(start, n))
         return self._msgs[key]
 
     def pack_bytes(self, start: int, n: int, rank: int) -> int:
@@ -181,6 +196,8 @@ class StageResharder:
         self._in_flight: list = []
         """Peer: sends not waited for yet (it runs ahead of the leader, see _contribute)."""
         self._packed_in_flight: list = []
+        self.received = 0
+        """Bytes this rank received so far (leader: peers' segments; every rank: fallback all-gathers)."""
 
     def take(self, bp) -> int:
         """Start of the next bucket's jobs, checked against its plan (names, shapes, dtypes)."""
@@ -210,16 +227,18 @@ class StageResharder:
     def _run(self, bp, bucket, pack, staging) -> None:
         start = self.take(bp)
         jobs, msgs = self.jobs[start:start + len(bp.specs)], self.jobs.messages(start, len(bp.specs))
+        skip = self.jobs.skipped(start, len(bp.specs))
         if self.tp_rank == 0:
-            self._assemble(bucket, jobs, msgs, staging)
+            self._assemble(bucket, jobs, msgs, staging, skip)
+            self.received += sum(jobs[i].seg_nbytes(seg) for _, i, seg in msgs)
         else:
             self._contribute(jobs, msgs, pack)
         self._tag_base += len(msgs)
         for i, job in enumerate(jobs):
-            if job.layout is None:
+            if job.layout is None and i not in skip:
                 self._run_fallback(job, bucket.view(i) if bucket is not None else None)
 
-    def _assemble(self, bucket, jobs: list, msgs: list, staging: Optional[torch.Tensor]) -> None:
+    def _assemble(self, bucket, jobs: list, msgs: list, staging: Optional[torch.Tensor], skip=frozenset()) -> None:
         """Leader: post the receives of the peers' segments, copy its own share meanwhile, then unstage."""
         import torch.distributed as dist
 
@@ -234,7 +253,7 @@ class StageResharder:
         waves = _waves(staged, staging.numel() if staging is not None else 0)
         pending = self._post_wave(waves[0], staging) if waves else []
         for i, job in enumerate(jobs):
-            for seg in (job.layout.segments if job.layout else ()):
+            for seg in (job.layout.segments if job.layout and i not in skip else ()):
                 if seg.rank == 0:
                     job.copy_runs(seg, bucket.view(i).narrow(job.layout.dim, seg.dst, seg.length))
         for k in range(len(waves)):
@@ -300,6 +319,8 @@ class StageResharder:
 
         if self._fallback is None or self._fallback[0] != job.param:
             full = gather_tp(job.shard, job.mapping)
+            if full is not job.shard:
+                self.received += (full.numel() - job.shard.numel()) * full.element_size()
             if self.tracker is not None:
                 self.tracker.observe(full.numel() * full.element_size())
             self._fallback = (job.param, job.mapping.full_to_hf(full))

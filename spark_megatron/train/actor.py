@@ -12,6 +12,11 @@ micro-batch loss by the number of micro-batches (legacy 2-tuple loss) and averag
 sets `calculate_per_token_loss` on the model config (DDP then sums over DP instead of averaging, and 3-tuple
 losses are not divided) and installs a finalize function that skips megatron's division by the token count it
 counted itself. Nothing is pre-scaled, so the result does not depend on how the batch is split (tested).
+
+Bad updates. An update whose inputs (advantages, old/reference/rollout logprobs), loss or gradient norm is not
+finite is skipped (the weights stay as they were); an update whose gradient is exactly zero is applied but moves
+nothing the loss asked for. Both are counted (`nonfinite`, `zero_grad` in the step metrics) and `bad_streak`
+says how many came in a row, so the trainer can stop a run that has diverged or collapsed.
 """
 from __future__ import annotations
 
@@ -246,12 +251,13 @@ class Actor(_LogprobRunner):
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, hf_dir: Optional[str] = None, total_steps: int = 1,
                  logprob_micro_batch_size: Optional[int] = None, logit_temperature: float = 1.0,
-                 overlap_grad_reduce: bool = False, cache_images: bool = True):
+                 overlap_grad_reduce: bool = False, cache_images: bool = True, seed: int = 0):
         super().__init__(model_cfg, parallel_cfg, hf_dir, logprob_micro_batch_size or optim_cfg.micro_batch_size,
                          logit_temperature, cache_images)
         from spark_megatron.train.optimizer import build_optimizer, build_scheduler, lr_schedule
 
         self.optim_cfg = optim_cfg
+        self.seed = int(seed)
         self.total_steps = int(total_steps)
         vl_inputs.check_overlap(self.vl, getattr(model_cfg, "freeze_vision", False), overlap_grad_reduce)
         self._overlap = bool(overlap_grad_reduce)
@@ -264,6 +270,11 @@ class Actor(_LogprobRunner):
         self._install_schedule_hooks(overlap_grad_reduce)
         self.steps_done = 0
         """Optimizer steps attempted (skipped ones included)."""
+        self.bad_streak = 0
+        """Consecutive bad updates (non-finite, or zero gradient) up to the last one; 0 after a good update."""
+        self.bad_updates = {"nonfinite": 0, "zero_grad": 0}
+        """Bad updates of this actor's life, by kind; `streak_kinds` counts those of the current streak."""
+        self.streak_kinds = {"nonfinite": 0, "zero_grad": 0}
 
     def _wrap_ddp(self, stage, use_distributed_optimizer: bool, overlap: bool):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -299,7 +310,8 @@ class Actor(_LogprobRunner):
     # ------------------------------------------------------------------------------------------ training
     @image_scoped
     def train_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
-        """One RL update over `seqs`: mini-batches of optim.train_batch_size sequences, one optimizer step each.
+        """One RL update over `seqs`: mini-batches of optim.train_batch_size sequences (cut in `minibatch_order`),
+        one optimizer step each.
 
         Missing old_logprobs are computed for all sequences before the first update when there is more than
         one mini-batch (with a single mini-batch they stay absent: on-policy, ratio 1). Returns the mean of the
@@ -308,13 +320,24 @@ class Actor(_LogprobRunner):
         """
         seqs = list(seqs)
         self._validate(seqs)
-        minis = batching.split_minibatches(len(seqs), self.optim_cfg.train_batch_size)
+        order = self.minibatch_order(len(seqs))
+        cuts = batching.split_minibatches(len(seqs), self.optim_cfg.train_batch_size)
+        minis = [[order[i] for i in m] for m in cuts]
         if len(minis) > 1 and any(s.old_logprobs is None for s in seqs):
             missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
             for i, lp in zip(missing, self.compute_logprobs([seqs[i] for i in missing])):
                 seqs[i] = dataclasses.replace(seqs[i], old_logprobs=lp)
         per_step = [self.optimizer_step([seqs[i] for i in m], loss_fn, with_entropy) for m in minis]
         return merge_step_metrics(per_step)
+
+    def minibatch_order(self, n: int) -> list:
+        """The order in which `train_step` cuts n sequences into mini-batches: a permutation seeded by the run seed
+        and the optimizer steps done so far (the same on every rank, and again after a resume, which restores
+        steps_done), or 0..n-1 with optim.shuffle_minibatches off."""
+        if not self.optim_cfg.shuffle_minibatches or n < 2:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done)
+        return torch.randperm(n, generator=g).tolist()
 
     @image_scoped
     def optimizer_step(self, seqs: Sequence[SequenceSample], loss_fn: LossFn, with_entropy: bool = False) -> dict:
@@ -333,11 +356,13 @@ class Actor(_LogprobRunner):
         seqs = list(seqs)
         self._validate(seqs)
         fields = batching.present_fields(seqs)
+        tokens = batching.response_token_count(seqs, range(len(seqs)))
+        if not _finite_inputs(seqs, fields):  # e.g. logprobs of weights that already diverged: nothing to learn
+            return self._skipped(seqs, tokens, current_lr(self.optimizer))
         mine = batching.shard_for_rank(range(len(seqs)), seqs, ps.get_data_parallel_rank(),
                                        ps.get_data_parallel_world_size())
         buckets = self._plan_buckets(seqs, mine, self.optim_cfg.micro_batch_size, fields,
                                      single_call=self._overlap, min_microbatches=1)
-        tokens = batching.response_token_count(seqs, range(len(seqs)))
         for mb in (mb for bucket in buckets for mb in bucket):
             mb.extras["global_token_count"] = torch.tensor(float(tokens), device=_device())
             mb.extras["global_seq_count"] = torch.tensor(float(len(seqs)), device=_device())
@@ -352,15 +377,41 @@ class Actor(_LogprobRunner):
             outs += run_schedule(self._ddp, bucket, self._train_loss(loss_fn, with_entropy), forward_only=False)
         self._defer_finalize = False
         lr = current_lr(self.optimizer)
+        metrics = reduce_loss_metrics(outs)  # the same loss on every rank: the skip decision is collective
+        if not math.isfinite(metrics["loss"]):
+            return self._skipped(seqs, tokens, lr, metrics)
         result = step_optimizer(self.optimizer, self.optim_cfg.clip_grad)
         if result.updated:
             self.scheduler.step(1)
             if not self.vision_frozen:
                 self._image_scope.weights_changed()  # features stored under the old tower weights are stale
         self.steps_done += 1
-        metrics = reduce_loss_metrics(outs)
+        zero = result.updated and result.grad_norm == 0.0
+        self._record_update(None if result.updated and not zero else "zero_grad" if zero else "nonfinite")
         metrics.update(grad_norm=result.grad_norm, lr=lr, skipped=0.0 if result.updated else 1.0,
-                       global_tokens=float(tokens), sequences=float(len(seqs)))
+                       nonfinite=0.0 if result.updated else 1.0, zero_grad=float(zero))
+        return self._step_metrics(metrics, seqs, tokens)
+
+    def _skipped(self, seqs, tokens: int, lr: float, metrics: Optional[dict] = None) -> dict:
+        """An update left out for non-finite inputs or loss: no optimizer step, no scheduler step."""
+        self.steps_done += 1
+        self._record_update("nonfinite")
+        metrics = dict(metrics or {"loss": float("nan")})
+        metrics.update(grad_norm=float("nan"), lr=lr, skipped=1.0, nonfinite=1.0, zero_grad=0.0)
+        return self._step_metrics(metrics, seqs, tokens)
+
+    def _record_update(self, bad_kind: Optional[str]) -> None:
+        if bad_kind is None:
+            self.bad_streak = 0
+            self.streak_kinds = dict.fromkeys(self.streak_kinds, 0)
+            return
+        self.bad_streak += 1
+        self.bad_updates[bad_kind] += 1
+        self.streak_kinds[bad_kind] += 1
+
+    @staticmethod
+    def _step_metrics(metrics: dict, seqs, tokens: int) -> dict:
+        metrics.update(global_tokens=float(tokens), sequences=float(len(seqs)))
         for kind, (n, t) in batching.kind_counts(seqs, range(len(seqs))).items():
             metrics[f"kind/{kind}/sequences"] = float(n)
             metrics[f"kind/{kind}/tokens"] = float(t)
@@ -392,9 +443,29 @@ class Actor(_LogprobRunner):
                                  tied=self.shape.tie_word_embeddings, dtype=dtype)
 
 
+def _finite_inputs(seqs: Sequence[SequenceSample], fields: list) -> bool:
+    """Every per-token input of the update (advantages, old / reference / rollout logprobs) is finite."""
+    for s in seqs:
+        for name in fields:
+            value = getattr(s, name)
+            if isinstance(value, (int, float)):
+                if not math.isfinite(value):
+                    return False
+            elif not torch.isfinite(torch.as_tensor(value, dtype=torch.float32)).all():
+                return False
+    return True
+
+
+def _combine(key: str, values: list) -> float:
+    """How a loss_fn metric adds up over micro-batches, DP ranks and optimizer steps: keys ending in `_sum` are
+    summed, in `_max` maxed; the rest are averaged by the caller."""
+    return float(max(values)) if key.endswith("_max") else float(sum(values))
+
+
 def reduce_loss_metrics(outs: list) -> dict:
     """Sum the micro-batch losses (= the mini-batch objective) and average loss_fn metrics over real
-    micro-batches, over DP; the last PP stage's result is then sent to every stage."""
+    micro-batches, over DP (`_sum` / `_max` metrics: summed / maxed); the last PP stage's result is then sent
+    to every stage."""
     ps = _ps()
     local = None
     if ps.is_pipeline_last_stage():
@@ -407,15 +478,17 @@ def reduce_loss_metrics(outs: list) -> dict:
             n_real += 1
             for k, v in out.items():
                 if k not in ("loss", "_real"):
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = _combine(k, [sums[k], float(v)]) if k in sums else float(v)
         local = (loss_sum, n_real, sums)
         gathered = [None] * ps.get_data_parallel_world_size()
         dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
         total_loss = sum(g[0] for g in gathered)
         total_real = sum(g[1] for g in gathered)
         keys = sorted({k for g in gathered for k in g[2]})
-        local = {"loss": total_loss, **{k: sum(g[2].get(k, 0.0) for g in gathered) / max(total_real, 1)
-                                       for k in keys}}
+        local = {"loss": total_loss}
+        for k in keys:
+            vals = [g[2][k] for g in gathered if k in g[2]]
+            local[k] = _combine(k, vals) if k.endswith(("_sum", "_max")) else sum(vals) / max(total_real, 1)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         box = [local]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
@@ -429,12 +502,12 @@ def merge_step_metrics(per_step: list) -> dict:
     if not per_step:
         return {"optimizer_steps": 0.0}
     out: dict = {}
-    summed = {"skipped", "global_tokens", "sequences"}
+    summed = {"skipped", "nonfinite", "zero_grad", "global_tokens", "sequences"}
     keys = sorted({k for m in per_step for k in m})
     for k in keys:
         vals = [m[k] for m in per_step if k in m]
-        if k in summed or k.startswith("kind/"):
-            out[k] = float(sum(vals))
+        if k in summed or k.startswith("kind/") or k.endswith(("_sum", "_max")):
+            out[k] = _combine(k, vals)
         elif k == "lr":
             out[k] = float(vals[-1])
         elif k == "grad_norm":

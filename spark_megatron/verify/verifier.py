@@ -1,4 +1,20 @@
-"""The verifier: response text + ground truth -> Verdict (extracted answer, correctness, reward)."""
+"""The verifier: response text + ground truth -> Verdict (extracted answer, correctness, reward).
+
+The rule, one for every task kind (policy answers, Yes/No and A/B judgments, reflections):
+
+    A response is correct when it commits to exactly one final answer and that answer is the ground truth.
+    It commits to every non-empty \\boxed{} it writes; where the ground truth is an option (Yes/No, or a letter
+    A-J), to every option a box names; where the ground truth is a number, to a number only if a box states
+    one (a computation that equals it, "12 + 7", has not answered yet). So every box must be equivalent to the
+    ground truth, name no other option, and state the number itself.
+
+Hence hedges are wrong: "B, C", "A or B", "A and C", "Yes or No", a box per option, two different boxed
+answers, a box around a prompt's list of options or its own text, the question's arithmetic copied into the box.
+The same answer boxed twice (in any two equivalent forms) is still one answer. Form stays
+free: "(B)", "B", "B. 102", "option b", "\\text{Yes}", "yes.", "50\\%" for 0.5, "\\frac{1}{2}" for 0.5; a ground truth
+"D. 12" accepts the label ("D") or the value ("12"). What counts as equivalent, and how options are named, is in
+`equivalence.route` and `choice.named_options`.
+"""
 from __future__ import annotations
 
 import functools
@@ -6,12 +22,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from spark_megatron.types import TaskKind, Verdict
-from spark_megatron.verify.choice import choice_label, ground_truth_choice
-from spark_megatron.verify.equivalence import Comparator, CheckResult, check, pool_check, quick_check, warm_up
-from spark_megatron.verify.extraction import extract_boxed
+from spark_megatron.verify.equivalence import Comparator, CheckResult, all_hold, check, pool_check, route, warm_up
+from spark_megatron.verify.extraction import extract_boxed, extract_boxes
 from spark_megatron.verify.pool import TimeoutPool
-
-_JUDGMENT_KINDS = (TaskKind.POINTWISE, TaskKind.PAIRWISE)
 
 
 @dataclass
@@ -21,6 +34,7 @@ class VerifyRequest:
     response_text: str
     ground_truth: str
     kind: TaskKind = TaskKind.POLICY
+    """The task kind; the rule is the same for every kind (kept for callers that group verdicts by kind)."""
 
 
 def format_score(response_text: str) -> float:
@@ -31,12 +45,6 @@ def format_score(response_text: str) -> float:
 def combine_reward(correct: bool, fmt: float, format_weight: float) -> float:
     """reward = (1 - w) * accuracy + w * format; w = 0 gives the reference's plain 0/1 reward."""
     return (1.0 - format_weight) * float(correct) + format_weight * fmt
-
-
-def _judgment_check(extracted: str, label: str) -> CheckResult:
-    """Recycled judge tasks have a Yes/No or letter label: compare choice labels, no sympy needed."""
-    want = ground_truth_choice(label) or label.strip()
-    return CheckResult(choice_label(extracted) == want)
 
 
 class Verifier:
@@ -80,26 +88,32 @@ class Verifier:
         return self.verify_batch([VerifyRequest(response_text, ground_truth, kind)])[0]
 
     def verify_batch(self, requests: Sequence[Union[VerifyRequest, tuple]]) -> list[Verdict]:
-        """Verdicts in input order. Items: VerifyRequest or (response_text, ground_truth[, kind]) tuples."""
+        """Verdicts in input order. Items: VerifyRequest or (response_text, ground_truth[, kind]) tuples.
+
+        Every distinct box of a response is checked (see the module's rule); math-verify runs once per distinct
+        (answer, target) pair of the batch, since the n rollouts of a prompt repeat answers.
+        """
         reqs = [r if isinstance(r, VerifyRequest) else VerifyRequest(*r) for r in requests]
-        extracted = [extract_boxed(r.response_text) for r in reqs]
-        outcome: list[Optional[CheckResult]] = [None] * len(reqs)
-        hard: dict[tuple, list[int]] = {}  # (prediction, ground truth) -> request indices; n rollouts repeat answers
-        for i, (req, pred) in enumerate(zip(reqs, extracted)):
-            if pred is None or not req.ground_truth.strip():
-                outcome[i] = CheckResult(False)
-            elif TaskKind(req.kind) in _JUDGMENT_KINDS:
-                outcome[i] = _judgment_check(pred, req.ground_truth)
-            else:
-                quick = quick_check(pred, req.ground_truth)
-                if quick is not None:
-                    outcome[i] = CheckResult(quick)
+        boxes = [list(dict.fromkeys(extract_boxes(r.response_text))) for r in reqs]
+        claims: list = []  # per request: one CheckResult (settled) or a (prediction, target) key per box
+        hard: dict[tuple, Optional[CheckResult]] = {}
+        for req, answers in zip(reqs, boxes):
+            mine = []
+            for pred in answers if req.ground_truth.strip() else []:
+                decision, target = route(pred, req.ground_truth)
+                if decision is not None:
+                    mine.append(CheckResult(decision))
                 else:
-                    hard.setdefault((pred, req.ground_truth), []).append(i)
-        for key, result in zip(hard, self._check_hard(list(hard))):
-            for i in hard[key]:
-                outcome[i] = result
-        return [self._verdict(r, pred, res) for r, pred, res in zip(reqs, extracted, outcome)]
+                    hard.setdefault((pred, target), None)
+                    mine.append((pred, target))
+            claims.append(mine)
+        for key, result in zip(list(hard), self._check_hard(list(hard))):
+            hard[key] = result
+        verdicts = []
+        for req, answers, mine in zip(reqs, boxes, claims):
+            res = all_hold([c if isinstance(c, CheckResult) else hard[c] for c in mine])
+            verdicts.append(self._verdict(req, answers[0] if answers else None, res))
+        return verdicts
 
     def _check_hard(self, pairs: list) -> list[CheckResult]:
         if not pairs:

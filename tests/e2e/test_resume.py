@@ -21,8 +21,9 @@ ENV = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE
 def _cmd(out_dir, steps, resume=False):
     cmd = [sys.executable, "-m", "spark_megatron.launch.cli", "train", "--config", "configs/tiny_cpu.yaml",
            f"output_dir={out_dir}", f"total_steps={steps}", "warmup_sft_steps=3", "rollout.n=4",
-           "data.prompts_per_step=8", "checkpoint.save_interval=1", "checkpoint.keep_last=3",
-           "logging.progress=false", "logging.wandb_project=null", "logging.tensorboard=false"]
+           "data.prompts_per_step=8", "optim.train_batch_size=32",  # 32 rollouts: one full optimizer batch
+           "checkpoint.save_interval=1", "checkpoint.keep_last=3", "logging.progress=false",
+           "logging.wandb_project=null", "logging.tensorboard=false"]
     return cmd + (["--resume"] if resume else [])
 
 

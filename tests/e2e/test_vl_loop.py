@@ -6,7 +6,8 @@ After the warm-up and after every step:
 - fresh image rollouts, re-scored by the actor, give the engine's own sampling logprobs (the engine's HF
   generate with its image pipeline and mRoPE decoding vs the Megatron actor's prepared images and 3-D positions);
 the loss is finite, the weights moved, recycled tasks were trained and carried their images, and the image
-cache encoded images.
+cache encoded images. The run has the Vision-SR1 reward on: every step writes its perception metrics over all the
+policy rollouts, and rollouts in its layout get text-only follow-ups from the real engine, graded and added.
 """
 import math
 
@@ -22,7 +23,35 @@ TOL = 1e-4
 def _overrides(out_dir, tp):
     return [f"output_dir={out_dir}", "total_steps=2", "warmup_sft_steps=2", f"parallel.tensor_model_parallel_size={tp}",
             "data.prompts_per_step=4", "checkpoint.save_interval=0", "logging.progress=false",
-            "logging.wandb_project=null", "logging.tensorboard=false", 'data.train_files=["synthetic:shapes?n=16"]']
+            "logging.wandb_project=null", "logging.tensorboard=false", 'data.train_files=["synthetic:shapes?n=16"]',
+            "algorithm.perception_reward_weight=1.0", "algorithm.format_reward_weight=0.1"]
+
+
+def _perception_follow_up(trainer, prompt) -> dict:
+    """Two rollouts in Vision-SR1's layout (right answer; one description says it, one does not) through the
+    trainer's perception step with the real engine: text-only follow-ups, graded, rewards rewritten."""
+    from spark_megatron.types import Rollout, RolloutGroup
+    from spark_megatron.verify.perception import perception_metrics
+
+    if trainer.roles.engine is None:
+        return {}
+    gt = prompt.ground_truth
+    texts = [f"<description>There are {gt} squares.</description> <think>{gt}</think> \\boxed{{{gt}}}",
+             f"<description>Some squares.</description> <think>count</think> \\boxed{{{gt}}}"]
+    asked = trainer.perception.prompts([prompt])[0]
+    group = RolloutGroup(asked, [Rollout(asked, [], [], t) for t in texts])
+    for r, v in zip(group.rollouts, trainer.roles.verifier.verify_batch([(t, gt) for t in texts])):
+        r.verdict = v
+    calls = []
+
+    def generate(requests, sampling):
+        calls.append([len(r.images) for r in requests])
+        return trainer.roles.engine.generate(requests, sampling)
+
+    trainer.perception.apply([group], generate)
+    return {"calls": calls, "rewards": [r.verdict.reward for r in group.rollouts],
+            "perception": [r.verdict.perception for r in group.rollouts], "metrics": perception_metrics([group]),
+            "restored": group.prompt is prompt}
 
 
 def _weights_match_engine(trainer) -> bool:
@@ -89,7 +118,8 @@ def vl_loop_worker(rank, world, out_dir):
                     for p, q in zip(trainer.roles.actor.model_chunks[0].parameters(), params0))
         out.append({"row": row, "moved": moved, "synced": _weights_match_engine(trainer),
                     "gap": _rollout_logprob_gap(trainer, probe)})
-    out.append({"built": built, "encoded": trainer.roles.actor.image_cache.images_encoded})
+    out.append({"built": built, "encoded": trainer.roles.actor.image_cache.images_encoded,
+                "sr1": _perception_follow_up(trainer, probe[0])})
     trainer.close()
     return out
 
@@ -108,11 +138,20 @@ def test_spark_vl_loop_tp2_engine_tracks_actor(tmp_path):
         assert s["synced"], f"engine weights differ from the actor's after step {steps.index(s) + 1}"
         assert s["gap"] <= TOL, s["gap"]
         assert 0 <= row["policy/accuracy"] <= 1
+        # Vision-SR1: every policy rollout (4 image prompts x n 4) got the perception step; metrics are written
+        assert row["perception/rollouts"] == 16, row
+        assert all(0 <= row[f"perception/{k}"] <= 1 for k in ("reward", "format_rate", "description_rate"))
+        assert row["time/perception_s"] >= 0
     assert sum(s["row"].get("reward/sequences", 0) for s in steps) > 0, "no recycled task was trained"
     kinds = {k for k, has_images in final["built"] if has_images}
     assert "policy" in kinds and kinds & {"pointwise", "pairwise", "reflection"}, kinds
     assert all(has_images for _, has_images in final["built"]), "a sequence of the image task lost its images"
     assert final["encoded"] > 0
+    sr1 = final["sr1"]
+    assert sr1["calls"] == [[0, 0]], sr1  # one batched call, one text-only follow-up per described rollout
+    assert sr1["metrics"]["perception/format_rate"] == 1.0 and sr1["restored"]
+    for reward, perceived in zip(sr1["rewards"], sr1["perception"]):  # 0.9 * 1 + 0.1 * 1 + 1.0 * perception
+        assert perceived in (0.0, 1.0) and reward == pytest.approx(1.0 + perceived)
 
 
 def test_vllm_engine_for_a_vl_model_on_cpu_is_refused_before_any_rank_starts(tmp_path, capsys):

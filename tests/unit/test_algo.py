@@ -179,3 +179,82 @@ def test_seq_mean_aggregation_split_invariant():
     parts = sum(spark_grpo_loss(lp[s], old[s], ref[s], adv[s], mask[s], None, cfg, global_seq_count=8)[0]
                 for s in (slice(0, 3), slice(3, 8)))
     assert torch.allclose(full, parts, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_masked_extreme_logprobs_give_finite_loss_and_gradients(estimator, dtype):
+    """Masked positions holding extreme logprobs (-1e4, -inf, a reference of 0 against them) leave the loss and
+    the gradient exactly as they are with ordinary values there: finite, and zero gradient at masked positions.
+    Before the clamp, exp(ref - logp) overflowed there and 0 * inf made the whole gradient NaN."""
+    cfg = AlgorithmConfig(kl_coef=0.5, kl_estimator=estimator)
+    lp, old, ref, _, adv, mask = _batch(seed=4)
+    lp, old, ref, adv, mask = (t.to(dtype) for t in (lp, old, ref, adv, mask))
+    masked = mask == 0
+    assert masked.any() and (~masked).any()
+    runs = {}
+    for name, extreme in (("ordinary", None), ("-1e4", -1e4), ("-inf", float("-inf"))):
+        lp_in, old_in, ref_in = lp.clone(), old.clone(), ref.clone()
+        if extreme is not None:
+            lp_in[masked] = extreme
+            old_in[masked] = extreme
+            ref_in[masked] = 0.0
+        leaf = lp_in.requires_grad_()
+        loss, metrics = spark_grpo_loss(leaf, old_in, ref_in, adv, mask, mask.sum(), cfg)
+        loss.backward()
+        assert torch.isfinite(loss), (name, loss)
+        assert torch.isfinite(leaf.grad).all(), name
+        assert (leaf.grad[masked] == 0).all(), name
+        assert all(torch.isfinite(v) for v in metrics.values()), (name, metrics)
+        runs[name] = (loss.detach(), leaf.grad)
+    for name in ("-1e4", "-inf"):
+        assert torch.equal(runs[name][0], runs["ordinary"][0]), name
+        assert torch.equal(runs[name][1], runs["ordinary"][1]), name
+
+
+def test_kl_clamps_the_log_ratio_before_exp():
+    """An unmasked token 30 nats below the reference: k3 is capped and its gradient finite (exp(30) would still
+    be finite in fp32, but its gradient through the cap would not be zero without clamping first: the clamp at 20
+    makes it exactly 0, as in verl)."""
+    lp = torch.tensor([[-30.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1.2]])
+    k3 = kl_penalty(lp, ref, "k3")
+    assert k3[0, 0].item() == 10.0
+    k3.sum().backward()
+    d = (ref - lp.detach())[0, 1]
+    assert lp.grad[0, 0].item() == 0.0
+    assert lp.grad[0, 1].item() == pytest.approx(float(1 - torch.exp(d)), rel=1e-6)
+    assert kl_penalty(torch.tensor([[-1e30]]), torch.tensor([[0.0]]), "k1").item() == -20.0
+
+
+def test_sequence_builder_uses_the_configured_advantage_estimator():
+    from spark_megatron.config import RolloutConfig
+    from spark_megatron.sequences import SequenceBuilder
+    from spark_megatron.types import Prompt, Rollout, RolloutGroup, Verdict
+
+    prompt = Prompt(uid="p", messages=[], ground_truth="1")
+    group = RolloutGroup(prompt, [Rollout(prompt, [], [], "", verdict=Verdict(None, bool(r), float(r)))
+                                  for r in (1, 0, 0, 1)])
+    mean_only = SequenceBuilder(None, AlgorithmConfig(adv_estimator="grpo_mean_only"), RolloutConfig())
+    assert mean_only.advantages([group])[0].tolist() == [0.5, -0.5, -0.5, 0.5]
+    grpo = SequenceBuilder(None, AlgorithmConfig(adv_estimator="grpo"), RolloutConfig())
+    std = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    assert grpo.advantages([group])[0].tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std])
+    with pytest.raises(KeyError, match="grpo_mean_only"):
+        SequenceBuilder(None, AlgorithmConfig(adv_estimator="grpo_mean"), RolloutConfig())
+
+
+def test_minibatch_order_is_a_seeded_shuffle_that_can_be_turned_off():
+    from types import SimpleNamespace
+
+    from spark_megatron.config import OptimConfig
+    from spark_megatron.train.actor import Actor
+
+    def order(shuffle=True, seed=1, steps_done=0, n=12):
+        actor = SimpleNamespace(optim_cfg=OptimConfig(shuffle_minibatches=shuffle), seed=seed, steps_done=steps_done)
+        return Actor.minibatch_order(actor, n)
+
+    assert sorted(order()) == list(range(12)) and order() != list(range(12))
+    assert order() == order()  # the same on every rank, and after a resume (steps_done is checkpointed)
+    assert order(steps_done=8) != order() and order(seed=2) != order()
+    assert order(shuffle=False) == list(range(12))

@@ -26,7 +26,9 @@ def _msg(image=None, text="What is shown? Put the final answer in \\boxed{}.", m
 @pytest.fixture
 def data_dir(tmp_path):
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"\x89PNG fake")
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(tmp_path / "img" / "a.png")  # records' images must decode
     return tmp_path
 
 
@@ -136,7 +138,7 @@ def test_hf_saved_dir_and_parquet(data_dir):
     ds = datasets.Dataset.from_list(rows)
     ds.save_to_disk(str(data_dir / "hfdir"))
     (data_dir / "hfdir" / "img").mkdir()
-    (data_dir / "hfdir" / "img" / "a.png").write_bytes(b"x")
+    (data_dir / "hfdir" / "img" / "a.png").write_bytes((data_dir / "img" / "a.png").read_bytes())
     out = load_prompts([f"hf:{data_dir / 'hfdir'}"])
     assert [p.ground_truth for p in out.prompts] == ["3", "4"]
     assert out.prompts[0].images[0].path == str(data_dir / "hfdir" / "img" / "a.png")

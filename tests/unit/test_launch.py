@@ -70,6 +70,10 @@ def test_slurm_dryrun_32b_renders_sbatch_with_the_recipes_layout(tunnel, tmp_pat
     replayed.write_text(m.group(3))
     assert load_config(str(replayed)) == cfg
     assert paths["torchrun"].read_text().strip().endswith(" ".join(torchrun).replace("DOLLAR", "$"))
+    # the rollout layout the trainer builds from the same function: two TP-8 engines, one per node
+    engines = "2 engine(s) x TP 8, colocated on ranks [0-7, 8-15]; sleep level 1 while the actor trains"
+    assert lay.rollout.describe().startswith(engines) and f"engines        {lay.rollout.describe()}" in out
+    assert f"engines      {lay.rollout.describe()}" in (paths["sbatch"].parent / "plan.txt").read_text()
 
 
 def test_local_dryrun_runs_torchrun_on_one_node(tmp_path, capsys):
@@ -83,7 +87,8 @@ def test_local_dryrun_runs_torchrun_on_one_node(tmp_path, capsys):
 
 
 BAD = [
-    ("tp-heads", R7, ["parallel.tensor_model_parallel_size=8"], "TP 8 does not divide num_attention_heads 28"),
+    ("tp-heads", R7, ["parallel.tensor_model_parallel_size=8", "parallel.data_parallel_size=1"],
+     "TP 8 does not divide num_attention_heads 28"),
     ("world", R32, ["launch.nodes=3"], "world size mismatch: 24 actor GPUs"),
     ("unknown-key", R32, ["parallel.tensor_parallel=2"], "unknown config key 'parallel.tensor_parallel'"),
     ("fp8-no-te", FP8, ["launch.container_has_te=false"], "needs Transformer Engine"),

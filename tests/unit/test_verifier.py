@@ -6,11 +6,9 @@ import time
 import pytest
 
 from spark_megatron.config import AlgorithmConfig
-from spark_megatron.types import Prompt, TaskKind
+from spark_megatron.types import TaskKind
 from spark_megatron.verify import TimeoutPool, Verifier, VerifyRequest
 from spark_megatron.verify.equivalence import pool_check
-from spark_megatron.verify.perception import (PerceptionWeights, extract_description, perception_prompt,
-                                              perception_rewards, sr1_format_score)
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +47,8 @@ def counting_comparator(prediction, ground_truth):
 
 def test_verdict_fields_and_reward():
     v = Verifier()
-    assert v.verify(r"so \boxed{\frac{6}{4}}", "1.5").correct
+    assert v.verify(r"so \boxed{\frac{3}{2}}", "1.5").correct
+    assert not v.verify(r"so \boxed{\frac{6}{4}}", "1.5").correct  # a computation of 1.5, not the number
     verdict = v.verify(r"I think \boxed{2}", "3")
     assert (verdict.extracted, verdict.correct, verdict.reward, verdict.timed_out) == ("2", False, 0.0, False)
     verdict = v.verify("no box at all: 3", "3")
@@ -96,8 +95,8 @@ def test_from_config():
 
 
 def test_pool_cuts_off_pathological_input_and_finishes_the_rest():
-    good = [(rf"\boxed{{\frac{{{i}}}{{2}}}}", str(i / 2)) for i in range(1, 7)]
-    batch = good[:3] + [(PATHOLOGICAL, "1")] + good[3:] + [(r"\boxed{x^2-1}", "(x-1)(x+1)")]
+    good = [(rf"\boxed{{\frac{{{2 * i + 1}}}{{2}}}}", str(i + 0.5)) for i in range(1, 7)]
+    batch = good[:3] + [(PATHOLOGICAL, "10^{3}")] + good[3:] + [(r"\boxed{x^2-1}", "(x-1)(x+1)")]
     with Verifier(timeout_s=1.0, num_workers=2) as v:
         t0 = time.monotonic()
         out = v.verify_batch(batch)
@@ -143,45 +142,3 @@ def test_pool_survives_crash_and_exception():
 def test_pool_rejects_fork():
     with pytest.raises(ValueError):
         TimeoutPool(sleepy_comparator, 1, 1.0, start_method="fork")
-
-
-# --------------------------------------------------------------------------------------------- perception
-
-SR1 = "<description>A bar chart; the red bar is 7.</description> <think>The red bar reads 7.</think> \\boxed{7}"
-
-
-def test_description_and_format():
-    assert extract_description(SR1) == "A bar chart; the red bar is 7."
-    assert extract_description("<description>  </description>") is None
-    assert sr1_format_score(SR1) == 1.0
-    assert sr1_format_score("<think>x</think> \\boxed{7}") == 0.0
-    assert sr1_format_score("<description>d</description> \\boxed{7}") == 0.0
-
-
-def _vl_prompt():
-    return Prompt(uid="f:0", ground_truth="7", messages=[{"role": "user", "content": [
-        {"type": "image", "image": "/x.png"},
-        {"type": "text", "text": "How tall is the red bar? Put the final answer in \\boxed{}."}]}])
-
-
-def test_perception_prompt_is_text_only():
-    p = perception_prompt(_vl_prompt(), "A bar chart.")
-    content = p.messages[0]["content"]
-    assert isinstance(content, str) and "A bar chart." in content and "How tall is the red bar?" in content
-    assert p.images == [] and p.ground_truth == "7" and p.origin_uid == "f:0"
-
-
-def test_perception_rewards_combine():
-    prompts = [_vl_prompt()] * 3
-    responses = [SR1, SR1.replace("red bar is 7", "red bar is 5"), "\\boxed{7}"]
-    seen = []
-
-    def generate(batch):
-        seen.extend(batch)
-        return ["\\boxed{7}" if "is 7" in m[0]["content"] else "\\boxed{5}" for m in batch]
-
-    rewards = perception_rewards(prompts, responses, [1.0, 1.0, 1.0], generate, Verifier())
-    assert len(seen) == 2  # no description, no follow-up
-    assert rewards == pytest.approx([0.9 + 0.1 + 1.0, 0.9 + 0.1 + 0.0, 0.9])
-    w = PerceptionWeights.from_config(AlgorithmConfig(format_reward_weight=0.1, perception_reward_weight=1.0))
-    assert (w.accuracy, w.format, w.perception) == pytest.approx((0.9, 0.1, 1.0))
