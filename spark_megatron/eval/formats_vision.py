@@ -2,7 +2,8 @@
 
 Field names follow each benchmark's public dataset card. Multiple-choice answers become option letters the way
 each benchmark scores them; where the benchmark's scorer also accepts the option's content (MathVista,
-MathVision), the item keeps that text so a model that boxes the content instead of the letter is not marked wrong.
+MathVision), the ground truth is "(B) <option text>", which the training verifier accepts as the letter or the
+value (and nothing that names another option).
 """
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ def _check_letter(ctx: RecordContext, field: str, answer: str, n_options: int = 
     return letter
 
 
+def _letter_and_text(letter: str, text: str) -> str:
+    """"(B) 5": the verifier's ground truth for an option whose content also counts as the answer."""
+    return f"({letter}) {text.strip()}"
+
+
 def mathvista(raw: dict, ctx: RecordContext) -> AnswerItem:
     """AI4Math/MathVista: pid, question, image (path) / decoded_image, choices, question_type (multi_choice |
     free_form), answer_type, unit, precision, answer, query (the benchmark's prompt: hint + question + choices).
@@ -34,7 +40,6 @@ def mathvista(raw: dict, ctx: RecordContext) -> AnswerItem:
     query = ctx.text(raw, "query", required=False)
     question = query or ctx.text(raw, "question")
     image = ctx.image(raw, "image", "decoded_image")
-    option_text = None
     if raw.get("question_type") == "multi_choice" or choices:
         if not choices:
             ctx.fail("choices", "missing_field", "multi_choice question without choices")
@@ -43,9 +48,8 @@ def mathvista(raw: dict, ctx: RecordContext) -> AnswerItem:
             ctx.fail("answer", "bad_value", f"answer {answer!r} is not one of the choices")
         if not query:
             question = f"{question}\n{options_block(choices)}"
-        answer, option_text = letter, str(choices[LETTERS.index(letter)]).strip()
-    return AnswerItem(item_id, ctx.prompt(item_id, question, answer, (image,)), option_text=option_text,
-                      subset=raw.get("question_type"))
+        answer = _letter_and_text(letter, str(choices[LETTERS.index(letter)]))
+    return AnswerItem(item_id, ctx.prompt(item_id, question, answer, (image,)), subset=raw.get("question_type"))
 
 
 def mathvision(raw: dict, ctx: RecordContext) -> AnswerItem:
@@ -56,15 +60,13 @@ def mathvision(raw: dict, ctx: RecordContext) -> AnswerItem:
     options = [str(o) for o in (ctx.get(raw, "options", (list,), required=False) or [])]
     question = _IMAGE_TAG.sub("", ctx.text(raw, "question")).strip()
     image = ctx.image(raw, "image", "decoded_image")
-    option_text = None
     if options:
         letter = answer.upper() if len(answer) == 1 else letter_of(options, answer)
         if letter is None or letter not in LETTERS[:len(options)]:
             ctx.fail("answer", "bad_value", f"answer {answer!r} is neither an option letter nor an option's text")
         question = f"{question}\n{options_block(options)}"
-        answer, option_text = letter, options[LETTERS.index(letter)].strip()
-    return AnswerItem(item_id, ctx.prompt(item_id, question, answer, (image,)), option_text=option_text,
-                      subset=raw.get("subject"))
+        answer = _letter_and_text(letter, options[LETTERS.index(letter)])
+    return AnswerItem(item_id, ctx.prompt(item_id, question, answer, (image,)), subset=raw.get("subject"))
 
 
 def wemath(raw: dict, ctx: RecordContext) -> AnswerItem:

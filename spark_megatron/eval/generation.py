@@ -127,7 +127,9 @@ def build_eval_engine(engine_cfg, decoding, hf_dir):
     cuda = torch.cuda.is_available()
     rc = RolloutConfig(engine=name, n=1, temperature=decoding.temperature, top_p=decoding.top_p,
                        max_prompt_tokens=engine_cfg.max_prompt_tokens, max_response_tokens=decoding.max_tokens,
-                       tensor_parallel_size=engine_cfg.tensor_parallel_size, colocate=False,
+                       tensor_parallel_size=engine_cfg.tensor_parallel_size,
                        gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
                        kv_cache_memory_bytes=engine_cfg.kv_cache_memory_bytes, enforce_eager=not cuda)
-    return build_engine(rc, hf_dir, own_process=False, dtype=dtype, seed=0)
+    # an evaluation owns its engine (no trainer to share GPUs with): vLLM's standalone placement
+    extra = {"placement": "standalone"} if name == "vllm" else {}
+    return build_engine(rc, hf_dir, own_process=False, dtype=dtype, seed=0, **extra)

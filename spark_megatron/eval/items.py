@@ -20,8 +20,6 @@ class AnswerItem:
     """Stable within the dataset (the benchmark's own id where it has one, else the record index)."""
     prompt: Prompt
     """System turn + question (+ instruction) with its images; ground_truth is what the verifier checks."""
-    option_text: Optional[str] = None
-    """Multiple choice where the benchmark also accepts the option's content: the correct option's text."""
     letter_set: bool = False
     """The answer is a set of option letters ("A, C"), scored regardless of order (LogicVista)."""
     subset: Optional[str] = None

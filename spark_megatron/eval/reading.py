@@ -103,11 +103,13 @@ def load_dataset(spec, suite, image_cache: Optional[str] = None) -> LoadedDatase
     instruction = suite.instruction if spec.instruction is None else spec.instruction
     base = spec.image_root or (spec.path if os.path.isdir(spec.path) else os.path.dirname(os.path.abspath(spec.path)))
     report, items = DatasetReport(), []
+    jsonl = spec.path.lower().endswith((".jsonl", ".ndjson"))
     for raw in raw_records(spec.path, spec.split):
         report.records += 1
         ctx = RecordContext(spec.path, raw.index, base, suite.system_prompt,
                             instruction if fmt.uses_instruction else "", image_cache,
-                            key=raw.value.pop("_key", None) if isinstance(raw.value, dict) else None)
+                            key=raw.value.pop("_key", None) if isinstance(raw.value, dict) else None,
+                            line=raw.index + 1 if jsonl else None)
         try:
             if not isinstance(raw.value, dict):
                 detail = raw.value.problem.detail if hasattr(raw.value, "problem") else type(raw.value).__name__

@@ -17,8 +17,9 @@ LETTERS = "ABCDEFGHIJ"
 class BadRecord(Exception):
     """One unusable record: where (file, index, field), why (a short reason) and a detail."""
 
-    def __init__(self, source: str, index: int, field: str, reason: str, detail: str):
-        super().__init__(f"{source}: record {index}: field '{field}': {reason}: {detail}")
+    def __init__(self, source: str, index: int, field: str, reason: str, detail: str, line: Optional[int] = None):
+        where = f"record {index}" + (f" (line {line})" if line is not None else "")
+        super().__init__(f"{source}: {where}: field '{field}': {reason}: {detail}")
         self.source, self.index, self.field, self.reason, self.detail = source, index, field, reason, detail
 
 
@@ -38,10 +39,12 @@ class RecordContext:
     """Where images embedded as bytes are written (content-addressed); None = embedded images are refused."""
     key: Optional[str] = None
     """The record's key when the file is a JSON object of records (LogicVista)."""
+    line: Optional[int] = None
+    """1-based line of a JSONL record (named in reports)."""
 
     # ------------------------------------------------------------------------------------------ failures
     def fail(self, field: str, reason: str, detail: str):
-        raise BadRecord(self.source, self.index, field, reason, detail)
+        raise BadRecord(self.source, self.index, field, reason, detail, self.line)
 
     def get(self, raw: dict, field: str, kinds=(str,), required: bool = True, default=None) -> Any:
         """raw[field] checked against `kinds`; missing/None -> default, or a bad record when required."""
@@ -90,12 +93,12 @@ class RecordContext:
         if isinstance(value, str):
             path = self._resolve(value)
             if os.path.isfile(path):
-                return ImageRef(path)
+                return self._checked(path, field)
             tried.append(f"{field}: no such file {path}")
             return None
         if isinstance(value, dict):
             if value.get("path") and os.path.isfile(self._resolve(value["path"])):
-                return ImageRef(self._resolve(value["path"]))
+                return self._checked(self._resolve(value["path"]), field)
             if value.get("bytes"):
                 return self._cached(bytes(value["bytes"]), field)
             tried.append(f"{field}: neither a readable path nor bytes")
@@ -112,6 +115,15 @@ class RecordContext:
             path = path[len("file://"):]
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.image_root, path))
 
+    def _checked(self, path: str, field: str) -> ImageRef:
+        """The training reader's image check: a file that does not decode is a bad record, not a crash later."""
+        from spark_megatron.data.records import image_problem
+
+        why = image_problem(path)
+        if why:
+            self.fail(field, "bad_image", f"{path}: {why}")
+        return ImageRef(path)
+
     def _cached(self, data: bytes, field: str) -> ImageRef:
         if not self.image_cache:
             self.fail(field, "missing_image", "embedded image bytes but no image cache directory")
@@ -122,7 +134,7 @@ class RecordContext:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(data)
             os.replace(tmp, path)
-        return ImageRef(str(path))
+        return self._checked(str(path), field)
 
     # ------------------------------------------------------------------------------------------ prompts
     def prompt(self, item_id: str, question: str, answer: str, images: tuple = (), instruction: bool = True) -> Prompt:

@@ -85,7 +85,7 @@ class Evaluation:
         gens = self.generator([it.prompt for it in items])
         rows = []
         for it, g, v in zip(items, gens, self._verdicts(items, [g.text for g in gens])):
-            ok = scoring.answer_correct(self.verifier, it, v)
+            ok = scoring.answer_correct(it, v, g.text)
             rows.append(self._row(spec, it) | {
                 "response": g.text, "extracted": v.extracted, "correct": ok, "first_correct": ok, "rounds": 0,
                 "tokens": g.tokens, "finish_reason": g.finish_reason, "error": g.error or None})
@@ -105,9 +105,9 @@ class Evaluation:
             gens = [log[messages_key(step.messages)] for step in r.trace]
             rows.append(self._row(spec, it) | {
                 "response": r.final_text, "extracted": v2.extracted,
-                "correct": scoring.answer_correct(self.verifier, it, v2),
+                "correct": scoring.answer_correct(it, v2, r.final_text),
                 "first_response": r.trace[0].text, "first_extracted": v1.extracted,
-                "first_correct": scoring.answer_correct(self.verifier, it, v1), "rounds": r.retries,
+                "first_correct": scoring.answer_correct(it, v1, r.trace[0].text), "rounds": r.retries,
                 "accepted": r.accepted, "tokens": sum(g.tokens for g in gens),
                 "error": next((g.error for g in gens if g.error), None)})
         return rows

@@ -1,9 +1,9 @@
 """Scoring rules: the training verifier for answers, the training judge templates for reward benchmarks.
 
-Answers: the verifier's verdict on the boxed final answer (first brace-matched \\boxed{}, math-verify, hedges
-count wrong: the same rule training rewards). Benchmark-specific additions are limited to how multiple-choice
-benchmarks accept answers: the correct option's content where the benchmark's scorer accepts it (MathVista,
-MathVision), and letter sets compared as sets (LogicVista's multi-answer questions).
+Answers: the training verifier's verdict (every boxed answer must be the ground truth: hedges are wrong; the
+same rule training rewards). Multiple-choice ground truths carry the option's content where the benchmark accepts
+it ("(B) 5": the verifier takes the letter or the value). The one benchmark rule beyond the verifier: LogicVista's
+multi-answer questions ("A, C") compare option-letter sets regardless of order, every box naming the same set.
 
 Judgments: a verdict is the choice label of the judge's boxed answer (Yes/No, A/B), checked by the verifier
 exactly as recycled judge tasks are rewarded. A verdict that is neither label is unparsable: wrong, and counted.
@@ -28,7 +28,7 @@ from spark_megatron.eval.items import AnswerItem, JudgmentItem, PreferenceItem
 from spark_megatron.recycle import question as q
 from spark_megatron.recycle import templates
 from spark_megatron.types import Prompt, TaskKind
-from spark_megatron.verify import VerifyRequest, choice_label
+from spark_megatron.verify import VerifyRequest, choice_label, extract_boxes
 
 _LETTER = re.compile(r"(?<![A-Za-z])([A-J])(?![A-Za-z])")
 
@@ -40,17 +40,13 @@ def letter_set(text: Optional[str]) -> frozenset:
     return frozenset(_LETTER.findall(text.replace("\\text", " ").upper()))
 
 
-def answer_correct(verifier, item: AnswerItem, verdict) -> bool:
-    """The training verifier's verdict, plus the benchmark's multiple-choice allowances (see module doc)."""
-    if verdict.correct:
-        return True
-    if verdict.extracted is None or verdict.timed_out:
-        return False
-    if item.letter_set:
-        return letter_set(verdict.extracted) == letter_set(item.prompt.ground_truth)
-    if item.option_text:
-        return verifier.verify(f"\\boxed{{{verdict.extracted}}}", item.option_text).correct
-    return False
+def answer_correct(item: AnswerItem, verdict, response: str) -> bool:
+    """The training verifier's verdict, plus set comparison for letter-set answers (see module doc)."""
+    if verdict.correct or not item.letter_set or verdict.timed_out:
+        return verdict.correct
+    boxes = extract_boxes(response)
+    want = letter_set(item.prompt.ground_truth)
+    return bool(boxes) and all(letter_set(b) == want for b in boxes)
 
 
 # ---------------------------------------------------------------------------------------------- judgments

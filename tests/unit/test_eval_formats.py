@@ -61,13 +61,14 @@ def test_mathvista_multi_choice_maps_the_answer_text_to_its_letter(tmp_path):
     ]
     ld = _load(tmp_path, "mathvista", rows)
     a, b = ld.items
-    assert isinstance(a, AnswerItem) and (a.id, a.prompt.ground_truth, a.option_text) == ("1", "B", "5")
+    assert isinstance(a, AnswerItem) and (a.id, a.prompt.ground_truth) == ("1", "(B) 5")  # letter or value
     assert _user_text(a).startswith("Hint: answer with the option.") and _user_text(a).endswith(REFERENCE_INSTRUCTION)
     assert a.prompt.messages[0] == {"role": "system", "content": "You are a helpful assistant."}
     assert a.prompt.images[0].path == str(tmp_path / "1.jpg")
-    assert (b.prompt.ground_truth, b.option_text) == ("4", None)
+    assert b.prompt.ground_truth == "4"
     assert ld.report.skipped == {"bad_value": 1}
-    assert "record 2: field 'answer'" in ld.report.examples[0] and "not one of the choices" in ld.report.examples[0]
+    assert "record 2 (line 3): field 'answer'" in ld.report.examples[0]
+    assert "not one of the choices" in ld.report.examples[0]
 
 
 def test_mathvision_options_get_letters_and_image_tags_are_dropped(tmp_path):
@@ -86,12 +87,12 @@ def test_mathvision_options_get_letters_and_image_tags_are_dropped(tmp_path):
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "test.parquet"))
     spec = DatasetSpec(name="mv", path=str(tmp_path / "test.parquet"), format="mathvision", kind="answer")
     a, b = load_dataset(spec, Suite(), image_cache=str(tmp_path / "cache")).items
-    assert (a.prompt.ground_truth, a.option_text, a.subset) == ("B", "square", "logic")
+    assert (a.prompt.ground_truth, a.subset) == ("(B) square", "logic")
     assert "<image1>" not in _user_text(a) and "(A) circle\n(B) square" in _user_text(a)
     # the embedded image was written once to the content-addressed cache (both rows carry the same bytes)
     assert a.prompt.images[0].path == b.prompt.images[0].path
     assert a.prompt.images[0].path.startswith(str(tmp_path / "cache"))
-    assert (b.prompt.ground_truth, b.option_text) == ("12", None)
+    assert b.prompt.ground_truth == "12"
 
 
 def test_wemath_scores_the_letter_and_shows_the_option_line(tmp_path):
@@ -102,7 +103,7 @@ def test_wemath_scores_the_letter_and_shows_the_option_line(tmp_path):
             {"ID": "bad", "question": "q", "option": "A. 1; B. 2", "answer": "60°", "image_path": "w.png"}]
     ld = _load(tmp_path, "wemath", rows)
     (a,) = ld.items
-    assert (a.id, a.prompt.ground_truth, a.option_text, a.subset) == ("3steps_1", "C", None, "Angles")
+    assert (a.id, a.prompt.ground_truth, a.subset) == ("3steps_1", "C", "Angles")  # the letter only
     assert "Find angle x.\nA. 30°; B. 45°" in _user_text(a)
     assert ld.report.skipped == {"bad_value": 1} and "field 'answer'" in ld.report.examples[0]
 
@@ -128,7 +129,7 @@ def test_dynamath_ground_truth_field(tmp_path):
             {"id": "3", "question": "?", "image": "missing.png", "ground_truth": "1", "answer_type": "float"}]
     ld = _load(tmp_path, "dynamath", rows)
     assert [(i.prompt.ground_truth, i.subset) for i in ld.items] == [("A", "algebra"), ("12.5", "geometry")]
-    assert ld.report.skipped == {"missing_image": 1} and "record 2: field 'image'" in ld.report.examples[0]
+    assert ld.report.skipped == {"missing_image": 1} and "record 2 (line 3): field 'image'" in ld.report.examples[0]
 
 
 def test_logicvista_object_of_records_and_letter_sets(tmp_path):
@@ -143,6 +144,16 @@ def test_logicvista_object_of_records_and_letter_sets(tmp_path):
     assert (a.id, a.prompt.ground_truth, a.letter_set, a.subset) == ("v1_0", "C", False, "inductive")
     assert (b.id, b.prompt.ground_truth, b.letter_set) == ("v1_1", "A, C", True)
     assert b.prompt.images[0].path == str(tmp_path / "images" / "v1_1.png")
+
+
+def test_an_image_that_does_not_decode_is_a_bad_record(tmp_path):
+    _png(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows = [{"id": "1", "question": "?", "image": "ok.png", "ground_truth": "1"},
+            {"id": "2", "question": "?", "image": "broken.png", "ground_truth": "1"}]
+    ld = _load(tmp_path, "dynamath", rows)
+    assert [i.id for i in ld.items] == ["1"] and ld.report.skipped == {"bad_image": 1}
+    assert "record 1 (line 2): field 'image': bad_image" in ld.report.examples[0]
 
 
 def test_mmk12_drops_dollar_delimiters(tmp_path):
@@ -178,7 +189,7 @@ def test_spark_training_records_verbatim_and_judgment_labels(tmp_path):
     assert isinstance(x, JudgmentItem) and (x.prompt.ground_truth, x.prompt.kind) == ("Yes", TaskKind.POINTWISE)
     assert (y.prompt.ground_truth, y.prompt.kind) == ("B", TaskKind.PAIRWISE)
     assert ld.report.skipped == {"bad_value": 1, "unparseable_record": 1}
-    assert any("record 3: field '<record>'" in e for e in ld.report.examples)
+    assert any("record 3 (line 4): field '<record>'" in e for e in ld.report.examples)
 
 
 def test_spark_bench_reference_combined_file(tmp_path):
@@ -244,4 +255,4 @@ def test_generic_preference_rows(tmp_path):
     assert (a.id, a.chosen, a.rejected, a.subset) == ("0", ["A is"], ["B is", "C is"], "mine")
     assert a.question.images[0].path == str(tmp_path / "p.png")
     assert (b.id, _user_text(b), b.question.images) == ("1", "2+2?", [])
-    assert ld.report.skipped == {"missing_field": 1} and "record 2: field 'question'" in ld.report.examples[0]
+    assert ld.report.skipped == {"missing_field": 1} and "record 2 (line 3): field 'question'" in ld.report.examples[0]

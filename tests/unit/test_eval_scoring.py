@@ -97,18 +97,21 @@ def test_labelled_judgment_records_are_checked_like_recycled_tasks(verifier):
     assert scoring.judgment_outcome(item, [req], ["no box"], verifier)["unparsable"] == 1
 
 
-def test_multiple_choice_allowances(verifier):
-    mc = AnswerItem("1", Prompt("1", [], "B"), option_text="5")
+def test_multiple_choice_and_letter_sets(verifier):
+    """MathVista/MathVision ground truths "(B) 5" take the letter or the option's value, through the training
+    verifier alone; We-Math's "B" takes the letter only; LogicVista's letter sets compare as sets."""
+    mc = AnswerItem("1", Prompt("1", [], "(B) 5"))
     for response, ok in [("\\boxed{B}", True), ("\\boxed{(B) 5}", True), ("\\boxed{5}", True), ("\\boxed{5.0}", True),
-                         ("\\boxed{C}", False), ("\\boxed{7}", False), ("no answer", False)]:
-        v = verifier.verify(response, "B")
-        assert scoring.answer_correct(verifier, mc, v) is ok, response
-    strict = AnswerItem("2", Prompt("2", [], "B"))  # We-Math: the letter only
-    assert not scoring.answer_correct(verifier, strict, verifier.verify("\\boxed{5}", "B"))
+                         ("\\boxed{C}", False), ("\\boxed{7}", False), ("\\boxed{B} or \\boxed{C}", False),
+                         ("no answer", False)]:
+        assert scoring.answer_correct(mc, verifier.verify(response, "(B) 5"), response) is ok, response
+    strict = AnswerItem("2", Prompt("2", [], "B"))
+    assert not scoring.answer_correct(strict, verifier.verify("\\boxed{5}", "B"), "\\boxed{5}")
     sets = AnswerItem("3", Prompt("3", [], "A, C"), letter_set=True)
     for response, ok in [("\\boxed{A, C}", True), ("\\boxed{C, A}", True), ("\\boxed{(C) and (A)}", True),
-                         ("\\boxed{A}", False), ("\\boxed{A, B, C}", False)]:
-        assert scoring.answer_correct(verifier, sets, verifier.verify(response, "A, C")) is ok, response
+                         ("\\boxed{A}", False), ("\\boxed{A, B, C}", False), ("\\boxed{C, A} or \\boxed{B}", False),
+                         ("none", False)]:
+        assert scoring.answer_correct(sets, verifier.verify(response, "A, C"), response) is ok, response
     assert scoring.letter_set("\\text{A,C}") == {"A", "C"} and scoring.letter_set("ACE") == frozenset()
 
 
