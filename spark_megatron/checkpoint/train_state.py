@@ -136,7 +136,9 @@ def save_model_snapshot(actor, out_dir) -> Path:
 
     meta = _train_meta(actor, {}, rng=False)
     meta.extra = {}
-    return save_megatron_checkpoint(actor.model_chunks[0], out_dir, meta, force=True)
+    # with the tokenizer/chat-template files, so the snapshot exports to a servable HF directory
+    aux = actor.hf_dir or getattr(actor.model_cfg, "megatron_path", None)
+    return save_megatron_checkpoint(actor.model_chunks[0], out_dir, meta, aux_from=aux, force=True)
 
 
 def save_train_state(actor, ckpt_dir, extra_state: dict, rng: bool = True,

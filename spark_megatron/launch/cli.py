@@ -1,8 +1,10 @@
 """`spark-megatron`: one entry point for training, planning, launching, plotting and checkpoint conversion.
 
     spark-megatron train   --config RECIPE [key=value ...]     run SPARK here (torchrun / spawned CPU ranks)
+    spark-megatron eval    --model DIR --suite S --output OUT   the paper's evaluation of any checkpoint
     spark-megatron plan    --config RECIPE [key=value ...]     validate the layout, print the per-GPU memory plan
     spark-megatron launch  --config RECIPE --executor slurm    NeMo-Run experiment (local torchrun or Slurm)
+    spark-megatron launch-eval --config RECIPE --model ...     the evaluation as a NeMo-Run job (same executors)
     spark-megatron plot    RUN_DIR ...                         training curves from metrics.jsonl
     spark-megatron convert hf-to-megatron|megatron-to-hf|compare ...   checkpoint conversion (repo's conversion/)
 
@@ -17,7 +19,8 @@ from typing import Optional
 
 from spark_megatron.config import ConfigError, check_values, load_config
 
-FORWARDED = {"train": "spark_megatron.launch.train_entry", "plot": "spark_megatron.plots"}
+FORWARDED = {"train": "spark_megatron.launch.train_entry", "plot": "spark_megatron.plots",
+             "eval": "spark_megatron.launch.eval_entry", "launch-eval": "spark_megatron.launch.eval_launch"}
 CONVERTERS = {"hf-to-megatron": "hf_to_megatron", "megatron-to-hf": "megatron_to_hf", "compare": "compare"}
 
 
@@ -42,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="run SPARK training (forwards to spark_megatron.launch.train_entry)",
                    add_help=False)
     sub.add_parser("plot", help="plot training curves (forwards to spark_megatron.plots)", add_help=False)
+    sub.add_parser("eval", help="evaluate a checkpoint on a benchmark suite (forwards to "
+                                "spark_megatron.launch.eval_entry)", add_help=False)
+    sub.add_parser("launch-eval", help="submit `spark-megatron eval` as a NeMo-Run job (local or Slurm)",
+                   add_help=False)
     sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf | compare",
                    add_help=False)
     plan = sub.add_parser("plan", help="validate a recipe and print its per-GPU memory plan",

@@ -41,6 +41,24 @@ class LaunchError(RuntimeError):
 
 
 @dataclass
+class JobSpec:
+    """What the job runs. The default is training; `spark-megatron launch-eval` submits the evaluation."""
+
+    task: str = TASK_NAME
+    """NeMo-Run task name (the sbatch file is <task>_sbatch.sh)."""
+    module: str = TRAIN_MODULE
+    """`python -m` entry point every task runs."""
+    config_flag: str = "--config"
+    """The entry point's flag for the config file the job ships."""
+    config_name: str = CONFIG_NAME
+    config_yaml: Optional[str] = None
+    """The shipped config (None = the resolved recipe)."""
+    extra_args: tuple = ()
+    ntasks_per_node: Optional[int] = None
+    """Processes per node (None = launch.gpus_per_node, one rank per GPU)."""
+
+
+@dataclass
 class LaunchArtifacts:
     """What `launch` wrote (and, unless dry-run, submitted)."""
 
@@ -94,34 +112,36 @@ def _tunnel(run, lc, base_dir: Path):
     return run.LocalTunnel(job_dir=str(base_dir / "experiments"))
 
 
-def recipe_setup_lines(recipe_yaml: str, job_dir_on_cluster: str) -> str:
+def recipe_setup_lines(recipe_yaml: str, job_dir_on_cluster: str, name: str = CONFIG_NAME) -> str:
     """sbatch lines that write the resolved recipe where the ranks read it (a quoted heredoc: no expansion)."""
     if CONFIG_EOF in recipe_yaml:
         raise LaunchError(f"the recipe contains the heredoc terminator {CONFIG_EOF}")
-    target = f"{job_dir_on_cluster}/configs/{CONFIG_NAME}"
+    target = f"{job_dir_on_cluster}/configs/{name}"
     return (f"mkdir -p {shlex.quote(job_dir_on_cluster)}/configs\n"
             f"cat > {shlex.quote(target)} <<'{CONFIG_EOF}'\n{recipe_yaml.rstrip()}\n{CONFIG_EOF}")
 
 
-def build_executor(run, cfg, base_dir: Path, setup_lines: Optional[str] = None):
+def build_executor(run, cfg, base_dir: Path, setup_lines: Optional[str] = None,
+                   ntasks_per_node: Optional[int] = None):
     """run.LocalExecutor or run.SlurmExecutor with the torchrun launcher for this recipe."""
     lc = cfg.launch
+    ntasks = ntasks_per_node or lc.gpus_per_node
     if lc.executor == "local":
         # torchrun and python from this interpreter's environment, activated or not
         env = job_env(cfg) | {"PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
-        return run.LocalExecutor(ntasks_per_node=lc.gpus_per_node, launcher="torchrun", env_vars=env)
+        return run.LocalExecutor(ntasks_per_node=ntasks, launcher="torchrun", env_vars=env)
     return run.SlurmExecutor(
         account=lc.account, partition=lc.partition, job_name_prefix=f"{lc.job_name}-", time=lc.time_limit,
-        nodes=lc.nodes, ntasks_per_node=lc.gpus_per_node, gpus_per_node=lc.gpus_per_node, qos=lc.qos,
+        nodes=lc.nodes, ntasks_per_node=ntasks, gpus_per_node=lc.gpus_per_node, qos=lc.qos,
         exclusive=True if lc.exclusive else None, container_image=lc.container_image,
         container_mounts=container_mounts(cfg), env_vars=job_env(cfg), tunnel=_tunnel(run, lc, base_dir),
         packager=run.Packager(), launcher="torchrun", setup_lines=setup_lines)
 
 
-def cluster_job_dir(cfg, base_dir: Path, title: str, exp_id: str) -> str:
+def cluster_job_dir(cfg, base_dir: Path, title: str, exp_id: str, task: str = TASK_NAME) -> str:
     """The task's job directory as the cluster sees it (what NeMo-Run mounts at /nemo_run)."""
     root = cfg.launch.remote_job_dir if cfg.launch.tunnel == "ssh" else str(base_dir / "experiments")
-    return os.path.join(root, title, exp_id, TASK_NAME)
+    return os.path.join(root, title, exp_id, task)
 
 
 def torchrun_command_from_sbatch(script: str) -> str:
@@ -158,9 +178,11 @@ def _experiment_id(cfg) -> str:
     return f"{cfg.launch.job_name}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def launch(cfg, dryrun: bool = True, experiment_id: Optional[str] = None) -> LaunchArtifacts:
+def launch(cfg, dryrun: bool = True, experiment_id: Optional[str] = None,
+           job: Optional[JobSpec] = None) -> LaunchArtifacts:
     """Build the experiment; write the resolved recipe, sbatch script and torchrun command; submit unless
     `dryrun`. The recipe must already be validated (see validation.validate_recipe)."""
+    job = job or JobSpec()
     run = nemo_run()
     exp_id = experiment_id or _experiment_id(cfg)
     title = cfg.launch.job_name
@@ -171,31 +193,37 @@ def launch(cfg, dryrun: bool = True, experiment_id: Optional[str] = None) -> Lau
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     resolved = artifacts_dir / CONFIG_NAME
     resolved.write_text(resolved_yaml)
+    shipped_yaml = resolved_yaml if job.config_yaml is None else job.config_yaml
+    shipped = artifacts_dir / job.config_name
+    shipped.write_text(shipped_yaml)
     if cfg.launch.executor == "slurm":
         from nemo_run.config import RUNDIR_NAME
 
-        setup = recipe_setup_lines(resolved_yaml, cluster_job_dir(cfg, base_dir, title, exp_id))
+        setup = recipe_setup_lines(shipped_yaml, cluster_job_dir(cfg, base_dir, title, exp_id, job.task),
+                                   job.config_name)
         # inside the container the job directory is /nemo_run (NeMo-Run rewrites it without a container)
-        config_arg = f"/{RUNDIR_NAME}/configs/{CONFIG_NAME}"
+        config_arg = f"/{RUNDIR_NAME}/configs/{job.config_name}"
     else:
-        setup, config_arg = None, str(resolved)
-    script = run.Script(path=TRAIN_MODULE, entrypoint="python", m=True, args=["--config", config_arg])
-    executor = build_executor(run, cfg, base_dir, setup)
+        setup, config_arg = None, str(shipped)
+    script = run.Script(path=job.module, entrypoint="python", m=True,
+                        args=[job.config_flag, config_arg, *job.extra_args])
+    executor = build_executor(run, cfg, base_dir, setup, job.ntasks_per_node)
     with _detached_stdin(), run.Experiment(title, executor=executor, id=exp_id, base_dir=str(base_dir),
                                            clean_mode=dryrun) as exp:
-        exp.add(script, name=TASK_NAME)
+        exp.add(script, name=job.task)
         if dryrun:
             exp.dryrun(log=False, delete_exp_dir=False)
         else:
             exp.run(detach=cfg.launch.executor == "slurm", tail_logs=cfg.launch.executor == "local")
-        job = exp.jobs[0]
-    return _collect(cfg, exp_id, exp_dir, artifacts_dir, resolved, job, submitted=not dryrun)
+        job_handle = exp.jobs[0]
+    return _collect(cfg, exp_id, exp_dir, artifacts_dir, resolved, job_handle, submitted=not dryrun, task=job.task)
 
 
-def _collect(cfg, exp_id, exp_dir: Path, artifacts_dir: Path, resolved: Path, job, submitted: bool):
+def _collect(cfg, exp_id, exp_dir: Path, artifacts_dir: Path, resolved: Path, job, submitted: bool,
+             task: str = TASK_NAME):
     sbatch_copy = None
     if cfg.launch.executor == "slurm":
-        rendered = exp_dir / f"{TASK_NAME}_sbatch.sh"
+        rendered = exp_dir / f"{task}_sbatch.sh"
         if not rendered.is_file():
             raise LaunchError(f"NeMo-Run did not render {rendered}")
         sbatch_copy = artifacts_dir / f"{cfg.launch.job_name}.sbatch"

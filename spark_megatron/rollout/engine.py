@@ -33,6 +33,8 @@ class SamplingSpec:
     """Base seed; prompt i uses seed + i, so a call is reproducible. None = engine RNG."""
     stop: tuple = ()
     """Stop strings (excluded from the text, as vLLM does); EOS always stops."""
+    repetition_penalty: float = 1.0
+    """HF/vLLM repetition penalty over prompt and generated tokens (1.0 = off; the SPARK evaluation uses 1.05)."""
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> "SamplingSpec":

@@ -121,6 +121,8 @@ class HFEngine(WeightVersioning):
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.repetition_penalty != 1.0:
+            kw.update(repetition_penalty=params.repetition_penalty)
         if self.vision is not None:
             kw.update(suppress_tokens=self.vision.suppressed)
         with torch.random.fork_rng(devices=[]):

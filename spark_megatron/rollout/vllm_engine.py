@@ -220,7 +220,7 @@ class VLLMEngine(WeightVersioning):
 
         return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                               max_tokens=params.max_tokens, seed=seed, stop=list(params.stop) or None, logprobs=0,
-                              logit_bias=self._suppressed)
+                              logit_bias=self._suppressed, repetition_penalty=params.repetition_penalty)
 
     def generate(self, requests: Sequence, params: SamplingSpec) -> list:
         self._check_servable()

@@ -1,0 +1,53 @@
+"""`evaluate(model, suite, out)`: the whole evaluation of one checkpoint, resumable in `out`."""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from spark_megatron.eval.generation import EngineGenerator, build_eval_engine
+from spark_megatron.eval.model import hf_directory, resolve_model
+from spark_megatron.eval.output import OutputDir, path_fingerprint
+from spark_megatron.eval.reading import load_dataset
+from spark_megatron.eval.runner import Evaluation
+
+
+def manifest_for(suite, source, data_hashes: dict) -> dict:
+    return {"model": source.path, "model_kind": source.kind, "model_fingerprint": source.fingerprint(),
+            "suite_fingerprint": suite.fingerprint(data_hashes), "suite": suite.to_dict(), "data": data_hashes,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def evaluate(model: str, suite, out, force: bool = False, progress: bool = True, export_tp: int = 1,
+             export_pp: int = 1, make_generator: Optional[Callable] = None, log: Callable = print) -> dict:
+    """Score every item of `suite` not yet in `out`/items.jsonl; write summary.json and table.md; return the
+    summary. `make_generator(hf_dir)` replaces the engine (tests)."""
+    from spark_megatron.verify import Verifier
+
+    source = resolve_model(model)
+    outdir = OutputDir(out)
+    data_hashes = {d.name: path_fingerprint(d.path) for d in suite.datasets}
+    resumed = outdir.claim(manifest_for(suite, source, data_hashes), force)
+    loaded = {d.name: load_dataset(d, suite, image_cache=str(Path(out) / "images")) for d in suite.datasets}
+    for name, ld in loaded.items():
+        r = ld.report
+        if r.num_skipped:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.skipped.items()))
+            log(f"[data] {name}: {r.usable}/{r.records} records usable; skipped {r.num_skipped} ({reasons})")
+            for e in r.examples:
+                log(f"  {e}")
+    if resumed:
+        log(f"[resume] continuing the evaluation in {out}")
+    with contextlib.ExitStack() as stack, Verifier(timeout_s=suite.verify_timeout_s,
+                                                   num_workers=suite.verify_workers) as verifier:
+        def generator():
+            hf_dir = stack.enter_context(hf_directory(source, export_tp, export_pp, progress=progress))
+            if make_generator is not None:
+                return make_generator(hf_dir)
+            engine = build_eval_engine(suite.engine, suite.decoding, hf_dir)
+            stack.callback(getattr(engine, "shutdown", lambda: None))
+            return EngineGenerator(engine, suite.decoding)
+
+        label = Path(model).absolute().name  # the run / checkpoint name the user gave, for the table's row
+        return Evaluation(suite, loaded, outdir, generator, verifier, model=label, progress=progress).run()
