@@ -297,7 +297,7 @@ def _coerce(value: Any, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -329,7 +329,9 @@ def _coerce(value: Any, tp, key: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    """A config dataclass from a plain dict (nested sections too), every value coerced to its field's type;
+    an unknown key is a ConfigError naming `prefix.key` with the closest known key."""
     types = _field_types(cls)
     kwargs = {}
     for k, v in (data or {}).items():
@@ -390,7 +392,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     try:
-        cfg = _build(RunConfig, data)
+        cfg = build_dataclass(RunConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") if path else e
     for k, v in parse_overrides(overrides or []):

@@ -236,8 +236,9 @@ def _all_ranks_ok(ok: bool) -> bool:
         return ok
     import torch
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)  # NCCL reduces device tensors only
+    from spark_megatron.parallel.cpu_compat import compute_device
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=compute_device())  # NCCL: device tensors only
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

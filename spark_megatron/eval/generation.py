@@ -132,4 +132,4 @@ def build_eval_engine(engine_cfg, decoding, hf_dir):
                        kv_cache_memory_bytes=engine_cfg.kv_cache_memory_bytes, enforce_eager=not cuda)
     # an evaluation owns its engine (no trainer to share GPUs with): vLLM's standalone placement
     extra = {"placement": "standalone"} if name == "vllm" else {}
-    return build_engine(rc, hf_dir, own_process=False, dtype=dtype, seed=0, **extra)
+    return build_engine(rc, hf_dir, dtype=dtype, seed=0, **extra)

@@ -121,9 +121,9 @@ def check_engine_for_model(cfg: RunConfig, hf_dir: str) -> None:
 def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
     """Body of one rank: init parallel state, run the trainer, return the last metrics row. A failure's traceback
     goes to <output_dir>/logs/rank<N>.log; one the user can act on is re-raised as a one-line RunAbort."""
-    from spark_megatron.config import _build
+    from spark_megatron.config import build_dataclass
 
-    cfg = _build(RunConfig, cfg_dict)
+    cfg = build_dataclass(RunConfig, cfg_dict)
     log_path = Path(cfg.output_dir) / "logs" / f"rank{rank}.log"
     handlers = _log_to(log_path)
     try:

@@ -1,8 +1,9 @@
-"""Rollout engines: the RolloutEngine protocol, the vLLM engine (only module importing vllm), the HF reference,
-and RemoteEngine (any engine in its own process, driven from a trainer rank)."""
+"""Rollout engines: the RolloutEngine protocol, the vLLM engine (only module importing vllm), the HF reference, the
+layout of a job's colocated engines and this rank's view of them (EngineFleet), the engine watch.
+
+Weights reach an engine through `spark_megatron.sync` (which this package does not import; see rollout/engine.py)."""
 from spark_megatron.rollout.engine import (ChatRenderer, EngineStateError, RolloutEngine, SamplingSpec,
                                            TokenizedRequest, build_engine, token_request)
-from spark_megatron.rollout.remote import RemoteEngine
 
-__all__ = ["ChatRenderer", "EngineStateError", "RemoteEngine", "RolloutEngine", "SamplingSpec", "TokenizedRequest",
-           "build_engine", "token_request"]
+__all__ = ["ChatRenderer", "EngineStateError", "RolloutEngine", "SamplingSpec", "TokenizedRequest", "build_engine",
+           "token_request"]

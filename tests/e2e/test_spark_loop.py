@@ -115,11 +115,11 @@ def loop_worker(rank, world, out_dir, tp, pp, rollout_tp):
 def _push_memory(trainer) -> tuple:
     """(extra bytes this rank held during one more push, its bound: bucket buffer + the largest HF tensor)."""
     from spark_megatron.sync import LiveBytes
-    from spark_megatron.sync.push import actor_plan
+    from spark_megatron.sync import actor_plan
 
     actor, tracker = trainer.roles.actor, LiveBytes()
     bucket = trainer.cfg.rollout.sync_bucket_mb << 20
-    stats = trainer.roles.fleet.push(actor, trainer.roles.policy_version, bucket, tracker=tracker)
+    stats = trainer.roles.push_actor(trainer.roles.policy_version, tracker=tracker)
     largest = max(s.nbytes for s in actor_plan(actor.model_chunks, actor.family.mappings(actor.shape), bucket,
                                                 actor.shape.tie_word_embeddings).specs)
     return tracker.peak, stats.bucket_capacity + largest
