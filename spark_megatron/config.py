@@ -198,8 +198,14 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     """None disables wandb; otherwise logs to this project."""
     wandb_mode: str = "offline"
+    """online | offline (written under output_dir/wandb, `wandb sync` later) | disabled."""
     tensorboard: bool = True
+    """TensorBoard event files under output_dir/tensorboard."""
     progress: bool = True
+    """Progress bars (warm-up, SPARK steps) on rank 0's console."""
+    summary_interval: int = 10
+    """Rank 0's console gets a one-line summary of the step every this many steps (and after the last step);
+    0 = none. Every step's full metrics are in metrics.jsonl; every rank's log is output_dir/logs/rank<N>.log."""
 
 
 @dataclass
@@ -517,7 +523,7 @@ FIELD_RULES: dict = {
     "checkpoint.save_interval": at_least(0, integer=True), "checkpoint.keep_last": at_least(0, integer=True),
     "checkpoint.resume": FLAG,
     "logging.wandb_project": optional(NAME), "logging.wandb_mode": one_of("online", "offline", "disabled"),
-    "logging.tensorboard": FLAG, "logging.progress": FLAG,
+    "logging.tensorboard": FLAG, "logging.progress": FLAG, "logging.summary_interval": at_least(0, integer=True),
     "launch.executor": one_of("local", "slurm"), "launch.nodes": at_least(1, integer=True),
     "launch.gpus_per_node": at_least(1, integer=True), "launch.account": optional(NAME),
     "launch.partition": optional(NAME), "launch.time_limit": SLURM_TIME, "launch.container_image": optional(NAME),

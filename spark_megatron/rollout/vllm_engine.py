@@ -92,7 +92,7 @@ class VLLMEngine(WeightVersioning):
         # temperature, as the trainer scores them); vLLM's default (raw_logprobs) is the untempered model
         kw = dict(model=self.hf_dir, dtype=dtype, seed=seed, tensor_parallel_size=self.cfg.tensor_parallel_size,
                   enforce_eager=self.cfg.enforce_eager or not _cuda(), max_model_len=max_len,
-                  logprobs_mode="processed_logprobs")
+                  logprobs_mode="processed_logprobs", use_tqdm_on_load=False)
         if _cuda():
             kw.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization, enable_sleep_mode=True)
             if self.cfg.tensor_parallel_size > 1 and self.placement == "standalone":

@@ -91,7 +91,7 @@ def test_bad_items_are_dropped_or_skipped_and_counted(trained, data_file):
     assert f"{data_file}: record 9 (line 10): field '<record>': undecodable_line: line 10 is not UTF-8" in proc.stderr
     assert f"{data_file}: record 12 (line 13): field 'message[0].content[0].image': bad_image" in proc.stderr
     assert f"1 prompt(s) longer than rollout.max_prompt_tokens={MAX_PROMPT} dropped (longest: {data_file}:5" \
-        in proc.stdout
+        in proc.stderr
     fitted = sum(r["recycle/fitted"] for r in rows)
     dropped = sum(r["recycle/dropped_too_long"] for r in rows)
     assert fitted > 0 and dropped > 0, (fitted, dropped)  # recycled tasks were cut to fit, or dropped: counted
@@ -122,9 +122,9 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_run_continues(trained, d
     _truncate_newest_data_file(run / "checkpoints" / "step_000002")
     proc = _train(run, "total_steps=3", *_data_file_arg(data_file), resume=True)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert f"[resume] checkpoint {run / 'checkpoints' / 'step_000002'} does not load (" in proc.stdout
-    assert "falling back to: step_000001" in proc.stdout
-    assert f"[resume] continuing after step 1 from {run / 'checkpoints' / 'step_000001'}" in proc.stdout
+    assert f"[resume] checkpoint {run / 'checkpoints' / 'step_000002'} does not load (" in proc.stderr
+    assert "falling back to: step_000001" in proc.stderr
+    assert f"[resume] continuing after step 1 from {run / 'checkpoints' / 'step_000001'}" in proc.stderr
     rows, first = _rows(run), _rows(trained[0])
     assert [r["step"] for r in rows] == [1, 2, 3]  # the killed run's step 2 was replaced, not duplicated
     assert rows[0] == first[0]  # what was written before the resume point is untouched
@@ -160,7 +160,7 @@ def test_force_starts_over_and_a_diverging_run_stops(trained, data_file, tmp_pat
                   "optim.stop_after_bad_updates=2", force=True)
     assert proc.returncode == 3, proc.stderr[-5000:]
     assert f"--force: removed run.json, config.yaml, metrics.jsonl, checkpoints, warmup_model, tensorboard, logs " \
-           f"from {run}" in proc.stdout
+           f"from {run}" in proc.stderr
     assert _error_line(proc) == (
         "error: stopped at warm-up step 3: 2 bad optimizer updates in a row (2 with a non-finite loss, gradient or "
         "input (skipped)); likely cause: the learning rate is too high (optim.lr=1e+12), or the data gives "
