@@ -227,12 +227,3 @@ def load_suite(path: str, overrides: Optional[list] = None) -> Suite:
         return validate(suite)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def suite_from_dict(data: dict) -> Suite:
-    """A Suite from its `to_dict()` form (the copy stored in OUT/manifest.json)."""
-    data = dict(data)
-    raw = data.pop("datasets", [])
-    suite = build_dataclass(Suite, data)
-    suite.datasets = [build_dataclass(DatasetSpec, d) for d in raw]
-    return suite

@@ -38,13 +38,6 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     """HF/vLLM repetition penalty over prompt and generated tokens (1.0 = off; the SPARK evaluation uses 1.05)."""
 
-    @classmethod
-    def from_config(cls, cfg, **overrides) -> "SamplingSpec":
-        """From a RolloutConfig (n, temperature, top_p, max_response_tokens), then keyword overrides."""
-        base = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens)
-        base.update(overrides)
-        return cls(**base)
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

@@ -30,7 +30,7 @@ import torch
 
 from spark_megatron.sync.bucket import Bucket, BucketBuffer, LiveBytes
 from spark_megatron.sync.manifest import SyncPlan, TensorSpec, grouped_by_module, plan_buckets
-from spark_megatron.sync.validation import ExpectedWeights, WeightValidationError
+from spark_megatron.sync.validation import ExpectedWeights
 
 
 class WeightSyncError(RuntimeError):
@@ -158,10 +158,6 @@ class PushStats:
     bucket_capacity: int = 0
     received_bytes: int = 0
     """Bytes this rank received from other ranks (actor pushes: TP assembly, broadcasts, blocks)."""
-
-    @property
-    def bytes_per_s(self) -> float:
-        return self.bytes / self.seconds if self.seconds > 0 else float("nan")
 
 
 def begin_all(sinks: Sequence[WeightSink], plan: SyncPlan, version: int) -> None:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from spark_megatron.rollout.engine import EngineStateError, SamplingSpec
 from spark_megatron.rollout.watch import EngineFailure
 from spark_megatron.sync.channel import ChannelSink, SyncChannel
-from spark_megatron.sync.push import EngineSink, push_source
+from spark_megatron.sync.push import EngineSink
 from spark_megatron.sync.validation import WeightValidationError
 
 _START_S = 600.0
@@ -118,7 +118,6 @@ class RemoteEngine:
         info = self._reply("start", max(self.timeout_s, _START_S))
         self.dtype, self.supports_sleep = info["dtype"], info["supports_sleep"]
         self.policy_version, self.stale = 0, None
-        self.bucket_bytes = cfg.sync_bucket_mb << 20
 
     def _died(self, op: str) -> EngineFailure:
         self._proc.join(timeout=1)
@@ -188,10 +187,6 @@ class RemoteEngine:
     def weight_sink(self) -> _RemoteSink:
         """The sink for `push_actor_weights` / `push_source` on the process that owns this proxy."""
         return _RemoteSink(self)
-
-    def update_weights(self, weights, version: int, bucket_bytes: Optional[int] = None):
-        """Validate and load a full set of named tensors (as `sync.push_into` does for in-process engines)."""
-        return push_source([self.weight_sink()], weights, version, bucket_bytes or self.bucket_bytes)
 
     def shutdown(self) -> None:
         try:
