@@ -1,8 +1,19 @@
 """Rollout engines: the RolloutEngine protocol, the vLLM engine (only module importing vllm), the HF reference,
-and RemoteEngine (any engine in its own process, driven from a trainer rank)."""
-from spark_megatron.rollout.engine import (ChatRenderer, EngineStateError, RolloutEngine, SamplingSpec,
-                                           TokenizedRequest, build_engine, token_request)
-from spark_megatron.rollout.remote import RemoteEngine
+RemoteEngine (any engine in its own process, driven from a trainer rank), and the job's engine layout.
 
-__all__ = ["ChatRenderer", "EngineStateError", "RemoteEngine", "RolloutEngine", "SamplingSpec", "TokenizedRequest",
-           "build_engine", "token_request"]
+Names are resolved lazily (PEP 562): `spark_megatron.rollout.layout` is torch-free and is imported by the
+launcher's preflight checks, which must answer before torch is imported.
+"""
+import importlib
+
+_EXPORTS = {"ChatRenderer": "engine", "EngineStateError": "engine", "RolloutEngine": "engine",
+            "SamplingSpec": "engine", "TokenizedRequest": "engine", "build_engine": "engine",
+            "token_request": "engine", "RemoteEngine": "remote"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spark_megatron.rollout' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"spark_megatron.rollout.{_EXPORTS[name]}"), name)
