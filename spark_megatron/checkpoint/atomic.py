@@ -69,6 +69,32 @@ def remove_stale_temps(out) -> list:
     return removed
 
 
+class BackgroundFlush:
+    """Flushes a file that is being written from a helper thread, each time another `every` bytes were written,
+    so the disk writes while the writer keeps filling the page cache (the final fsync then has little left)."""
+
+    def __init__(self, fd: int, every: int = 256 << 20):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fd, self.every, self._pending_bytes = fd, every, 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._last = None
+
+    def wrote(self, nbytes: int) -> None:
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= self.every and (self._last is None or self._last.done()):
+            self._pending_bytes = 0
+            self._last = self._pool.submit(os.fdatasync, self.fd)
+
+    def finish(self, sync: bool = True) -> None:
+        """Wait for the helper; then fsync everything written (unless abandoning the file)."""
+        self._pool.shutdown(wait=True)
+        if self._last is not None and sync:
+            self._last.result()
+        if sync:
+            os.fsync(self.fd)
+
+
 def fsync_tree(path) -> None:
     """Flush every file and directory entry under `path` so the rename publishes durable data."""
     path = Path(path)

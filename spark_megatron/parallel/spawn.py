@@ -16,6 +16,10 @@ class RankFailure(RuntimeError):
     """A spawned rank raised; the message carries its traceback."""
 
 
+class RankInterrupted(RankFailure):
+    """A spawned rank got KeyboardInterrupt (SIGINT); the other ranks have been stopped."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,6 +33,8 @@ def _entry(rank, world, port, fn, args, queue, env):
     try:
         out = fn(rank, world, *args)
         queue.put((rank, True, out))
+    except KeyboardInterrupt:
+        queue.put((rank, "interrupted", traceback.format_exc()))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -50,20 +56,38 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 600, env: dict |
              for r in range(world_size)]
     for p in procs:
         p.start()
-    results, failures = {}, []
+    results, failures, interrupted = {}, [], False
     try:
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout_s)
-            if ok:
+            if ok is True:
                 results[rank] = payload
             else:
                 failures.append(f"--- rank {rank} ---\n{payload}")
+                interrupted = ok == "interrupted"
                 break
+        if interrupted:
+            stop(procs)
+    except BaseException:  # an interrupt (or timeout) here: the ranks must not go on (and publish) without us
+        stop(procs)
+        raise
     finally:
         for p in procs:
             p.join(timeout=5 if failures else 60)
             if p.is_alive():
                 p.kill()
     if failures:
-        raise RankFailure("\n".join(failures))
+        raise (RankInterrupted if interrupted else RankFailure)("\n".join(failures))
     return [results[r] for r in range(world_size)]
+
+
+def stop(procs, grace_s: float = 3.0) -> None:
+    """Terminate processes (SIGTERM, then SIGKILL after `grace_s`) and reap them."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=grace_s)
