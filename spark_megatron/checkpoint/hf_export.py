@@ -21,7 +21,7 @@ from spark_megatron.checkpoint import atomic, launcher
 from spark_megatron.checkpoint.hf_import import DTYPES, Scratch, build_skeleton, hf_config_dtype
 from spark_megatron.checkpoint.megatron_format import copy_aux_files, prepare_temp_dir, read_meta
 from spark_megatron.models.families import family_for_config
-from spark_megatron.models.hf_files import DTYPE_CODES, tensor_bytes, write_all
+from spark_megatron.models.hf_files import safetensors_header, tensor_bytes, write_all
 from spark_megatron.models.qwen2 import ModelSpecError
 from spark_megatron.models.weights import CheckpointError
 
@@ -125,20 +125,6 @@ def plan_files(skeleton, registry, tied: bool, naming, scheme: str, itemsize: in
     for i, f in enumerate(files):
         f.name = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
     return files
-
-
-def safetensors_header(entries: list, dtype) -> bytes:
-    """The header of a safetensors file holding `entries` [(name, shape)] in that order, all of `dtype`: the
-    8-byte length, then the JSON padded with spaces to a multiple of 8 (so the data starts aligned)."""
-    header, offset = {}, 0
-    for name, shape in entries:
-        nbytes = _numel(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
 
 
 # ------------------------------------------------------------------------------------------------ writing

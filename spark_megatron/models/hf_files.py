@@ -126,6 +126,22 @@ class SafetensorsFile:
             self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
 
 
+def safetensors_header(entries: list, dtype) -> bytes:
+    """The header of a safetensors file holding `entries` [(name, shape)] in that order, all of `dtype`: the
+    8-byte length, then the JSON padded with spaces to a multiple of 8 (so the data starts aligned)."""
+    header, offset = {}, 0
+    for name, shape in entries:
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     if not t.is_contiguous():

@@ -81,7 +81,8 @@ class VLModelShape:
 
 def check_vl_layout(shape: VLModelShape, tp: int, pp: int, divisible_by: int = 128) -> None:
     """The text model's checks plus the vision tower's: TP must divide its heads and merger width. The vision
-    MLP width is exempt: Megatron zero-pads it to a TP-divisible size (vision.vision_ffn_size), e.g. 3420 at TP 8."""
+    MLP width is exempt: Megatron zero-pads it to a TP-divisible size (vision.vision_ffn_size), e.g. the 7B's
+    3420 at TP 4 or 8."""
     check_parallel_layout(shape.text, tp, pp, divisible_by)
     v, problems = shape.vision, []
     for what, n in (("vision num_heads", v.num_heads),

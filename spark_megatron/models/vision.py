@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from spark_megatron.models.mapping import padded_size
 from spark_megatron.models.qwen2 import ModelSpecError, _DTYPES, have_transformer_engine
 
-# The vision MLP width (3420 in every Qwen2.5-VL) is zero-padded so any TP splits it (HF -> Megatron pads, export
-# and weight sync strip, see qwen2_5_vl_mapping). Each TP shard is a multiple of 16: TE's FP8 GEMMs need
-# dims divisible by 16 and bf16 tensor cores prefer it. The padded width is also a multiple of 128 = 16 x 8, so
-# TP 1, 2, 4 and 8 all pad alike (3420 -> 3456, 1 % more MLP) and a Megatron checkpoint's vision MLP has one
-# shape that dist_checkpointing reshards across those TP sizes, as the TP-independent padded vocab does.
+# The vision MLP width is zero-padded where TP would not split it into shards of a multiple of 16 (HF -> Megatron
+# pads, export and weight sync strip, see qwen2_5_vl_mapping): TE's FP8 GEMMs need dims divisible by 16 and bf16
+# tensor cores prefer it. Qwen2.5-VL-3B and -7B have 3420 (855 per shard at TP 4, not even an integer at TP 8),
+# the 32B and 72B 3456 (= 27 x 128: 432 per shard at TP 8, no padding). The padded width is also a multiple of
+# 128 = 16 x 8, so TP 1, 2, 4 and 8 all pad alike (3420 -> 3456, 1 % more MLP) and a Megatron checkpoint's vision
+# MLP has one shape that dist_checkpointing reshards across those TP sizes, as the TP-independent padded vocab.
 FFN_SHARD_MULTIPLE = 16
 FFN_MULTIPLE = 128
 
