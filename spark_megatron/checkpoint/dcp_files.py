@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import os
 import pickle
 import struct
 import uuid
@@ -28,8 +29,8 @@ from typing import Optional
 
 import torch
 
-from spark_megatron.checkpoint.atomic import BackgroundFlush
-from spark_megatron.models.hf_files import tensor_bytes
+from spark_megatron.checkpoint.atomic import Writeback
+from spark_megatron.models.hf_files import tensor_bytes, write_pieces
 from spark_megatron.models.weights import CheckpointError
 
 METADATA_FILE = ".metadata"
@@ -82,13 +83,36 @@ def exact_alias(t: torch.Tensor) -> torch.Tensor:
     return flat.view(t.dtype).view(t.shape)
 
 
+class _DataRecordFromPieces:
+    """The file torch.save writes to, except that its one write of the tensor's bytes (`nbytes` long) is replaced by
+    the pieces' bytes: torch.save frames the record (zip headers, pickle) around a placeholder tensor whose pages
+    are never touched, the data comes straight from the source mappings."""
+
+    def __init__(self, f, nbytes: int, pieces: list, on_written):
+        self._f, self._nbytes, self._pieces, self._on_written = f, nbytes, pieces, on_written
+        self.replaced = False
+
+    def write(self, b) -> int:
+        n = len(memoryview(b).cast("B"))
+        if not self.replaced and n == self._nbytes:
+            self.replaced = True
+            return write_pieces(self._f.fileno(), self._pieces, self._on_written)
+        return self._f.write(b)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 class DistcpWriter:
-    """This rank's `.distcp` file: chunks appended as torch.save records, flushed to disk in the background."""
+    """This rank's `.distcp` file: chunks appended as torch.save records; their disk writes start as they go."""
+
+    MIN_PIECES_BYTES = 1 << 20
+    """Chunks at least this large are written from pieces; smaller ones go through a contiguous tensor."""
 
     def __init__(self, directory, rank: int):
         self.name = f"__{rank}_0.distcp"
-        self._f = open(Path(directory) / self.name, "wb")
-        self._flush = BackgroundFlush(self._f.fileno())
+        self._f = open(Path(directory) / self.name, "wb", buffering=0)  # unbuffered: pieces go to the fd too
+        self._writeback = Writeback(self._f.fileno())
         self.record = RankRecord()
 
     def _append(self, write) -> tuple:
@@ -96,19 +120,36 @@ class DistcpWriter:
         write()
         length = self._f.tell() - start
         self.record.bytes_written += length
-        self._f.flush()
-        self._flush.wrote(length)
+        self._writeback.wrote(length)
         return start, length
+
+    def _chunk(self, key, global_shape, offsets, shape, dtype, start, length) -> None:
+        if len(shape) != len(global_shape) or len(offsets) != len(global_shape):
+            raise ValueError(f"{key}: chunk of rank {len(shape)} for a tensor of rank {len(global_shape)}")
+        self.record.chunks.append(StoredChunk(key, tuple(global_shape), dtype, tuple(offsets), tuple(shape),
+                                              self.name, start, length))
 
     def add_tensor(self, key: str, global_shape: tuple, offsets: tuple, t: torch.Tensor) -> None:
         """Store `t` as the chunk of global tensor `key` at `offsets` (t has the chunk's full rank: size-1 dims for
         prepended axes included)."""
-        if t.dim() != len(global_shape) or len(offsets) != len(global_shape):
-            raise ValueError(f"{key}: chunk of rank {t.dim()} for a tensor of rank {len(global_shape)}")
         data = exact_alias(t if t.is_contiguous() else t.contiguous())
         start, length = self._append(lambda: torch.save(data, self._f))
-        self.record.chunks.append(StoredChunk(key, tuple(global_shape), t.dtype, tuple(offsets), tuple(t.shape),
-                                              self.name, start, length))
+        self._chunk(key, global_shape, offsets, tuple(t.shape), t.dtype, start, length)
+
+    def add_pieces(self, key: str, global_shape: tuple, offsets: tuple, shape: tuple, dtype: torch.dtype,
+                   pieces: list) -> None:
+        """Store a chunk whose bytes are `pieces` (mapped file ranges / zeros, in order), without assembling it."""
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if sum(p.length for p in pieces) != nbytes:
+            raise ValueError(f"{key}: pieces hold {sum(p.length for p in pieces)} bytes, the chunk {nbytes}")
+        placeholder = torch.empty(nbytes, dtype=torch.uint8).view(dtype).view(tuple(shape))
+        sink = _DataRecordFromPieces(self._f, nbytes, pieces, self._writeback.wrote)
+        start, length = self._append(lambda: torch.save(placeholder, sink))
+        if not sink.replaced:
+            raise CheckpointError(f"{key}: torch.save did not write the tensor data in one piece")
+        self._chunk(key, global_shape, offsets, shape, dtype, start, length)
 
     def add_object(self, unique_key: str, payload: list) -> None:
         """Store a ShardedObject the way megatron does: `torch.save([data, ...])` bytes."""
@@ -118,14 +159,13 @@ class DistcpWriter:
         self.record.objects.append(StoredObject(unique_key, self.name, start, length))
 
     def close(self) -> RankRecord:
-        """Flush and fsync the file; the record is what `write_metadata` needs from this rank."""
-        self._f.flush()
-        self._flush.finish()
+        """fsync the file; the record is what `write_metadata` needs from this rank."""
+        self._writeback.finish()
         self._f.close()
         return self.record
 
     def abort(self) -> None:
-        self._flush.finish(sync=False)
+        self._writeback.finish(sync=False)
         self._f.close()
 
 
@@ -281,13 +321,18 @@ class DistcpReader:
             if idx.offset is not None:
                 off = tuple(idx.offset)
                 self._chunks.setdefault(idx.fqn, []).append((off, sizes[(idx.fqn, off)], info))
-        self._maps, self._located = {}, {}
+        self._maps, self._located, self._fds = {}, {}, {}
 
     def shape(self, key: str) -> tuple:
         md = self.meta.state_dict_metadata.get(key)
         if md is None or not hasattr(md, "size"):
             raise CheckpointError(f"{self.dir}: tensor '{key}' is not in the checkpoint")
         return tuple(md.size)
+
+    def _fd(self, name: str) -> int:
+        if name not in self._fds:
+            self._fds[name] = os.open(self.dir / name, os.O_RDONLY)
+        return self._fds[name]
 
     def _map(self, name: str):
         if name not in self._maps:
@@ -307,6 +352,52 @@ class DistcpReader:
                 return t.view(size)
         loaded = torch.load(_View(mm, info.offset, info.length), map_location="cpu", weights_only=True)
         return loaded.reshape(sizes)
+
+    def _stored(self, key: str, c_off: tuple, info, c_size: tuple) -> Optional[tuple]:
+        """(data offset, dtype) of a chunk stored contiguously in its record, else None."""
+        mm = self._map(info.relative_path)
+        where = self._located.get((key, c_off))
+        if where is None:
+            where = self._located[(key, c_off)] = locate_tensor(mm, info.offset, info.length)
+        if where is None:
+            return None
+        data, dtype, size, stride = where
+        if size != c_size or torch.empty(size, device="meta").stride() != stride:
+            return None
+        return data, dtype
+
+    def row_pieces(self, key: str, lead: tuple, row0: int, nrows: int, dtype: torch.dtype) -> Optional[list]:
+        """Rows [row0, row0 + nrows) of global tensor `key` at leading (prepended) indices `lead`, as Pieces of the
+        chunk files, if every such row is stored whole and contiguous in `dtype`; else None."""
+        from spark_megatron.models.hf_files import Piece
+
+        shape = self.shape(key)
+        k = len(lead)
+        rest = shape[k + 1:]
+        row_bytes = _numel(rest) * dtype.itemsize
+        pieces, r = [], row0
+        while r < row0 + nrows:
+            found = None
+            for c_off, c_size, info in self._chunks.get(key, []):
+                inside = all(o <= i < o + n for i, o, n in zip(lead, c_off[:k], c_size[:k]))
+                if inside and c_off[k] <= r < c_off[k] + c_size[k] and c_size[k + 1:] == rest \
+                        and not any(c_off[k + 1:]):
+                    found = (c_off, c_size, info)
+                    break
+            if found is None:
+                return None
+            c_off, c_size, info = found
+            stored = self._stored(key, c_off, info, c_size)
+            if stored is None or stored[1] != dtype:
+                return None
+            flat = 0
+            for i, o, n in zip(lead, c_off[:k], c_size[:k]):
+                flat = flat * n + (i - o)
+            take = min(row0 + nrows, c_off[k] + c_size[k]) - r
+            first = flat * c_size[k] + (r - c_off[k])
+            pieces.append(Piece(self._fd(info.relative_path), stored[0] + first * row_bytes, take * row_bytes))
+            r += take
+        return pieces
 
     def read_into(self, key: str, offsets: tuple, out: torch.Tensor) -> None:
         """Fill `out` with the region of global tensor `key` that starts at `offsets`; `out` may lack the

@@ -137,36 +137,52 @@ def _assemble(reader, views: list, buf) -> None:
 
 def write_file(path: Path, hf_file: HFFile, skeleton_params: dict, views: dict, reader, dtype, scratch,
                bar) -> int:
-    """Write one HF file: header, then each group's tensors as its parameter is read. Returns bytes written."""
-    from spark_megatron.checkpoint.atomic import BackgroundFlush
+    """Write one HF file: header, then each group's tensors, each straight from the checkpoint's chunk files when
+    it is made of whole stored rows of its dtype (row_pieces), else from the parameter assembled in `scratch`.
+    Returns bytes written."""
+    from spark_megatron.checkpoint.atomic import Writeback
+    from spark_megatron.checkpoint.row_pieces import export_pieces, hf_row_runs
+    from spark_megatron.models.hf_files import write_pieces
 
     entries = [(n, s) for g in hf_file.groups for n, s in zip(g.names, g.shapes)]
-    written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    flush = BackgroundFlush(fd)
+    writeback = Writeback(fd)
     try:
         head = safetensors_header(entries, dtype)
         write_all(fd, memoryview(head))
+        written = len(head)
         for g in hf_file.groups:
             param = skeleton_params[g.param]
-            full = scratch.take(param.shape, param.dtype)
-            _assemble(reader, views[g.param], full)
-            for name, shape, t in zip(g.names, g.shapes, g.mapping.full_to_hf(full)):
-                if tuple(t.shape) != tuple(shape):
-                    raise CheckpointError(f"{name}: exported shape {tuple(t.shape)}, planned {tuple(shape)}")
-                t = t.to(dtype).contiguous()
-                data = tensor_bytes(t)
-                write_all(fd, data)
-                flush.wrote(len(data))
-                written += len(data)
+            outs = None
+            for i, (name, shape) in enumerate(zip(g.names, g.shapes)):
+                runs = hf_row_runs(g.mapping, tuple(param.shape), i) if param.dtype == dtype else None
+                pieces = None if runs is None else export_pieces(runs, views[g.param], tuple(param.shape), reader,
+                                                                 dtype)
+                if pieces is not None:
+                    n = write_pieces(fd, pieces, writeback.wrote)
+                else:
+                    if outs is None:
+                        full = scratch.take(param.shape, param.dtype)
+                        _assemble(reader, views[g.param], full)
+                        outs = g.mapping.full_to_hf(full)
+                    t = outs[i]
+                    if tuple(t.shape) != tuple(shape):
+                        raise CheckpointError(f"{name}: exported shape {tuple(t.shape)}, planned {tuple(shape)}")
+                    data = tensor_bytes(t.to(dtype).contiguous())
+                    write_all(fd, data)
+                    n = len(data)
+                    writeback.wrote(n)
+                if n != _numel(shape) * dtype.itemsize:
+                    raise CheckpointError(f"{name}: wrote {n} bytes for {tuple(shape)}")
+                written += n
                 bar.update(1)
-        flush.finish()
+        writeback.finish()
     except BaseException:
-        flush.finish(sync=False)
+        writeback.finish(sync=False)
         raise
     finally:
         os.close(fd)
-    return written + len(head)
+    return written
 
 
 def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
@@ -181,6 +197,7 @@ def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
     t0 = time.perf_counter()
     launcher.quiet_known_warnings()
     init_distributed(1, 1)  # every worker sees the whole model (TP1, PP1; the workers are data-parallel ranks)
+    launcher.reset_peak_rss()
     rss_after_init = launcher.memory_stats()["rss_bytes"]
     t_init = time.perf_counter()
     try:  # every step here fails on all ranks alike, so returning an error is safe

@@ -161,9 +161,36 @@ class Scratch:
         return self._buf.numel()
 
 
+def direct_pieces(mapping, hf_names: list, reader, tp_rank: int, tp_size: int, param, views: list,
+                  min_bytes: int) -> list:
+    """Per ShardView: the Pieces of HF files its chunk consists of (whole rows, same dtype, at least `min_bytes`),
+    or None where the chunk has to be assembled (row_pieces says which layouts qualify)."""
+    from spark_megatron.checkpoint.row_pieces import import_pieces, shard_row_sources, view_rows
+    from spark_megatron.models.layout import hf_shapes
+
+    shape = tuple(param.shape)
+    infos = [reader.info(h) for h in hf_names]
+    shapes = hf_shapes(mapping, shape, tp_size)
+    if any(i.dtype != param.dtype for i in infos) or [tuple(i.shape) for i in infos] != [tuple(x) for x in shapes]:
+        return [None] * len(views)  # assembled (mismatches are named there)
+    sources = shard_row_sources(mapping, shape, tp_rank, tp_size)
+    row_bytes = param.dtype.itemsize
+    for d in shape[1:]:
+        row_bytes *= d
+    out = []
+    for v in views:
+        rows = view_rows(v, shape)
+        if sources is None or rows is None or rows[1] * row_bytes < min_bytes:
+            out.append(None)
+        else:
+            out.append(import_pieces(sources, rows, hf_names, reader, row_bytes))
+    return out
+
+
 def stream_stage(stage, views: dict, reader, registry, tied: bool, writer, bar) -> tuple:
-    """For each parameter this rank stores: fill the scratch buffer with its TP shard from the HF tensors, append
-    its chunks to `writer`, drop the HF pages read. Returns (bytes of HF tensor data read, scratch bytes)."""
+    """For each parameter this rank stores, append its chunks to `writer`: straight from the HF files where a chunk
+    is made of whole HF rows (one copy), else through the scratch buffer filled with the TP shard; then drop the
+    HF pages read. Returns (bytes of HF tensor data read, scratch bytes)."""
     from spark_megatron.models.weights import _mapping_for, _tp, fill_shard, global_param_names
 
     tp_rank, tp_size = _tp()
@@ -173,14 +200,19 @@ def stream_stage(stage, views: dict, reader, registry, tied: bool, writer, bar) 
         if not mine:
             continue  # a replica another rank stores (TP-replicated norms, a tied output layer)
         mapping, layer = _mapping_for(registry, name, tied)
-        hf_names = mapping.resolve(layer)[1]
-        hf = [reader.get(h) for h in hf_names]
-        buf = scratch.take(param.shape, param.dtype)
-        fill_shard(buf, hf, mapping, tp_rank, tp_size, name, hf_names)
-        for v in mine:
+        hf_names = list(mapping.resolve(layer)[1])
+        direct = direct_pieces(mapping, hf_names, reader, tp_rank, tp_size, param, mine, writer.MIN_PIECES_BYTES)
+        buf = None
+        for v, pieces in zip(mine, direct):
+            if pieces is not None:
+                writer.add_pieces(v.key, v.global_shape, v.global_offset, v.chunk_shape, param.dtype, pieces)
+                continue
+            if buf is None:
+                buf = scratch.take(param.shape, param.dtype)
+                fill_shard(buf, [reader.get(h) for h in hf_names], mapping, tp_rank, tp_size, name, hf_names)
             writer.add_tensor(v.key, v.global_shape, v.global_offset, v.of(buf).view(v.chunk_shape))
-        for h, t in zip(hf_names, hf):
-            nbytes += t.numel() * t.element_size()
+        for h in hf_names:
+            nbytes += reader.info(h).nbytes
             reader.release(h)
         bar.update(len(hf_names))
     return nbytes, scratch.nbytes
@@ -223,6 +255,7 @@ def _import_rank(rank: int, world: int, plan: ImportPlan) -> dict:
     t0 = time.perf_counter()
     launcher.quiet_known_warnings()
     init_distributed(plan.tp, plan.pp)
+    launcher.reset_peak_rss()
     rss_after_init = launcher.memory_stats()["rss_bytes"]
     t_init = time.perf_counter()
     family, shape = load_family(plan.hf_dir)

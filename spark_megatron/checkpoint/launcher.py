@@ -37,13 +37,25 @@ def quiet_known_warnings() -> None:
 
 
 def memory_stats() -> dict:
-    """This process's current and peak resident memory in bytes (Linux ru_maxrss is in KiB)."""
-    import resource
+    """This process's current and peak resident memory in bytes, from /proc/self/status (VmRSS, VmHWM). VmHWM
+    belongs to this process's own address space; getrusage's ru_maxrss is not usable for spawned ranks because
+    Linux carries the parent's high-water mark across fork and exec."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss_bytes" if key == "VmRSS" else "peak_rss_bytes"] = int(value.split()[0]) * 1024
+    return out
 
-    import psutil
 
-    return {"rss_bytes": psutil.Process().memory_info().rss,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS (so a peak measured later excludes what imports touched and freed)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux >= 4.0, or not permitted: the peak then includes the start-up
+        pass
 
 
 def error_value(e: BaseException) -> tuple:

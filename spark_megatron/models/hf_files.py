@@ -91,6 +91,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror or e})") from None
         self.tensors = _parse_header(self.path, raw, 8 + n, size)
         self._mm: Optional[mmap.mmap] = None
+        self._fd: Optional[int] = None
 
     def keys(self) -> list:
         return list(self.tensors)
@@ -110,20 +111,84 @@ class SafetensorsFile:
                                 offset=info.offset)
         return flat.view(info.shape)
 
+    def rows(self, name: str, row0: int, nrows: int) -> "Piece":
+        """Rows [row0, row0 + nrows) along dim 0 of a tensor, as a byte range of this file."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return Piece(self._fd, info.offset + row0 * row_bytes, nrows * row_bytes)
+
     def release(self, name: Optional[str] = None) -> None:
         """Drop the pages of one tensor (or the whole file) from this process's resident memory; they stay in the
         page cache and a later access reads them again."""
         if self._mm is None:
             return
         if name is None:
-            start, end = 0, len(self._mm)
+            release_pages(self._mm, 0, len(self._mm))
         else:
             info = self.tensors[name]
-            start, end = info.offset, info.offset + info.nbytes
-        page = mmap.PAGESIZE
-        start -= start % page
-        if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+            release_pages(self._mm, info.offset, info.nbytes)
+
+
+def release_pages(mm: mmap.mmap, offset: int, length: int) -> None:
+    """madvise(DONTNEED) the whole pages of [offset, offset + length) of a private file mapping: the process's
+    copies of them go, the file's page cache stays."""
+    start = offset - offset % mmap.PAGESIZE
+    end = min(len(mm), offset + length)
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of an open file, or `length` zero bytes when `fd` is None: one part of a tensor's bytes."""
+
+    fd: Optional[int]
+    offset: int
+    length: int
+
+
+_ZEROS = bytes(1 << 20)
+_SLICE = 64 << 20
+"""Pieces are copied in slices of this size, so a writer can start each slice's writeback as it goes."""
+
+
+def _copy_range(src: int, dst: int, offset: int, n: int) -> None:
+    """n bytes of `src` at `offset` appended to `dst`: copy_file_range (inside the kernel, no user-space buffer,
+    nothing resident), else pread + write."""
+    done = 0
+    while done < n:
+        try:
+            got = os.copy_file_range(src, dst, n - done, offset + done)
+        except OSError:  # other filesystem, no support: copy through a small buffer
+            got = 0
+        if got <= 0:
+            buf = bytearray(min(n - done, 16 << 20))
+            got = os.preadv(src, [buf], offset + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file reading {n} bytes at {offset}")
+            write_all(dst, memoryview(buf)[:got])
+        done += got
+
+
+def write_pieces(fd: int, pieces: list, on_written=None) -> int:
+    """Append the pieces' bytes to `fd` in order (one copy, page cache to page cache); returns the bytes written.
+    `on_written(n)` follows each slice (e.g. to start its writeback)."""
+    total = 0
+    for p in pieces:
+        done = 0
+        while done < p.length:
+            n = min(_SLICE if p.fd is not None else len(_ZEROS), p.length - done)
+            if p.fd is None:
+                write_all(fd, memoryview(_ZEROS)[:n])
+            else:
+                _copy_range(p.fd, fd, p.offset + done, n)
+            done += n
+            if on_written is not None:
+                on_written(n)
+        total += p.length
+    return total
 
 
 def safetensors_header(entries: list, dtype) -> bytes:

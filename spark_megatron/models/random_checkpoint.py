@@ -58,7 +58,9 @@ def _block(seed: int, dtype: torch.dtype, norm: bool) -> torch.Tensor:
 
 def random_tensor(name: str, shape: tuple, dtype: torch.dtype, blocks: dict) -> torch.Tensor:
     norm = "norm" in name or "ln_q" in name
-    base = blocks.setdefault((dtype, norm), _block(len(blocks) + 1, dtype, norm))
+    if (dtype, norm) not in blocks:
+        blocks[(dtype, norm)] = _block(len(blocks) + 1, dtype, norm)
+    base = blocks[(dtype, norm)]
     n = 1
     for d in shape:
         n *= d
@@ -68,8 +70,8 @@ def random_tensor(name: str, shape: tuple, dtype: torch.dtype, blocks: dict) -> 
 
 
 def hf_tensor_specs(hf_dir, scheme: str = "hub") -> list:
-    """[(checkpoint name, shape)] of the model whose config.json is in `hf_dir`, in the transformers model's
-    order."""
+    """[(checkpoint name, canonical name, shape)] of the model whose config.json is in `hf_dir`, in the
+    transformers model's order (the canonical name seeds the values, so both schemes hold the same model)."""
     import transformers
 
     from spark_megatron.models.families import family_for_config, read_hf_config
@@ -84,9 +86,11 @@ def hf_tensor_specs(hf_dir, scheme: str = "hub") -> list:
     for name, t in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # save_pretrained drops the tied head
+        canonical = name
         if family.hf_naming is not None:  # module names are the transformers scheme
-            name = family.hf_naming.to_scheme(family.hf_naming.to_canonical(name, "transformers") or name, scheme)
-        specs.append((name, tuple(t.shape)))
+            canonical = family.hf_naming.to_canonical(name, "transformers") or name
+            name = family.hf_naming.to_scheme(canonical, scheme)
+        specs.append((name, canonical, tuple(t.shape)))
     return specs
 
 
@@ -100,14 +104,14 @@ def write_random_checkpoint(cfg: dict, out_dir, scheme: str = "hub", max_shard_b
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     specs = hf_tensor_specs(out, scheme)
     files, size = [[]], 0
-    for name, shape in specs:
+    for name, canonical, shape in specs:
         nbytes = dtype.itemsize
         for d in shape:
             nbytes *= d
         if files[-1] and size + nbytes > max_shard_bytes:
             files.append([])
             size = 0
-        files[-1].append((name, shape))
+        files[-1].append((name, canonical, shape))
         size += nbytes
     names = ["model.safetensors"] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
@@ -115,13 +119,13 @@ def write_random_checkpoint(cfg: dict, out_dir, scheme: str = "hub", max_shard_b
     for fname, entries in zip(names, files):
         fd = os.open(out / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            write_all(fd, memoryview(safetensors_header(entries, dtype)))
-            for name, shape in entries:
-                write_all(fd, tensor_bytes(random_tensor(name, shape, dtype, blocks)))
+            write_all(fd, memoryview(safetensors_header([(n, s) for n, _, s in entries], dtype)))
+            for _, canonical, shape in entries:
+                write_all(fd, tensor_bytes(random_tensor(canonical, shape, dtype, blocks)))
         finally:
             os.close(fd)
     if len(files) > 1:
-        weight_map = {n: f for f, entries in zip(names, files) for n, _ in entries}
+        weight_map = {n: f for f, entries in zip(names, files) for n, _, _ in entries}
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if "vision_config" in cfg:
         from spark_megatron.models.tiny_vl_checkpoint import write_preprocessor_config

@@ -82,6 +82,11 @@ class HFCheckpointReader:
         self.info(name)
         return self._files[self._where[name]].view(self._raw[name])
 
+    def rows(self, name: str, row0: int, nrows: int):
+        """Rows [row0, row0 + nrows) (dim 0) of a tensor as a Piece of its file's mapping."""
+        self.info(name)
+        return self._files[self._where[name]].rows(self._raw[name], row0, nrows)
+
     def release(self, name: Optional[str] = None) -> None:
         """Drop one tensor's pages (or every file's) from this process's resident memory."""
         if name is None:
