@@ -5,8 +5,9 @@
 Both models run the same seeded random tokens (Qwen2.5-VL: each row starts with a seeded random image spanning
 several vision attention windows). float32 checkpoints pass when every max |megatron - hf| is <= --tol.
 bfloat16/float16 checkpoints are judged against HF's own rounding error, measured in the same run on the same
-inputs: each output's |megatron - hf| (both at the checkpoint dtype) must be <= --multiple x |hf(dtype) -
-hf(float32)|; both numbers are printed. Exit code 0 on PASS, 1 on FAIL, 2 on bad input, 130 when interrupted.
+inputs: for the logits and each layer, the worst position's relative L2 difference megatron vs hf (both at the
+checkpoint dtype) must be <= --multiple x that of hf(dtype) vs hf(float32); both numbers are printed.
+Exit code 0 on PASS, 1 on FAIL, 2 on bad input, 130 when interrupted.
 """
 from __future__ import annotations
 

@@ -107,14 +107,29 @@ def hf_forward(hf_model, inputs):
     return out.logits.float(), layers
 
 
-def output_diffs(logits_a, hidden_a: dict, logits_b, hidden_b: dict) -> ParityReport:
-    """max |a - b| of the logits (if `logits_a` is not None) and of every layer both sides have."""
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over all elements."""
+    return (a - b).abs().max().item()
+
+
+def max_relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst position's relative difference: max over [..., position] of ||a - b|| / ||b|| along the last dim.
+    Scale-free per token, so a token with huge activations (whose rounding error is large in absolute terms)
+    cannot hide a wrong one with small activations."""
+    num = (a - b).float().norm(dim=-1)
+    den = b.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (num / den).max().item()
+
+
+def output_diffs(logits_a, hidden_a: dict, logits_b, hidden_b: dict, metric=max_abs_diff) -> ParityReport:
+    """`metric(a, b)` of the logits (if `logits_a` is not None) and of every layer both sides have (the report's
+    fields say max abs diff; they hold whatever `metric` measures)."""
     out = ParityReport()
     if logits_a is not None:
-        out.logits_max_abs_diff = (logits_a - logits_b).abs().max().item()
+        out.logits_max_abs_diff = metric(logits_a, logits_b)
     for k, v in hidden_a.items():
         if k in hidden_b:  # HF exposes the last layer only after the final norm ('final_norm')
-            out.hidden_max_abs_diff[k] = (v - hidden_b[k]).abs().max().item()
+            out.hidden_max_abs_diff[k] = metric(v, hidden_b[k])
     return out
 
 

@@ -41,15 +41,12 @@ def reduced_config(config_path, layers: int, vision_depth: int = 2) -> dict:
 
 def _block(seed: int, dtype: torch.dtype, norm: bool) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    if dtype == torch.bfloat16:
-        bits = torch.empty(BLOCK, dtype=torch.int16).random_(generator=gen)
-        exp = bits >> 7
-        exp &= 1 if norm else 3
-        exp += 126 if norm else 119  # exponent field: [0.5, 2) for norms, [2^-8, 2^-4) otherwise
-        exp <<= 7
-        bits &= 0x7F if norm else -32641  # mantissa (and the sign, except for norms): 0x807F as int16
-        bits |= exp
-        return bits.view(torch.bfloat16)
+    if dtype == torch.bfloat16:  # sign | exponent | 7 mantissa bits, built in int32 (random_ on int16 has no sign)
+        r = torch.empty(BLOCK, dtype=torch.int32).random_(0, 1 << 16, generator=gen)
+        sign = 0 if norm else (r >> 15) & 1
+        exp = (126 + ((r >> 7) & 1)) if norm else (119 + ((r >> 7) & 3))  # [0.5, 2) for norms, else [2^-8, 2^-4)
+        bits = (sign << 15) | (exp << 7) | (r & 0x7F)
+        return torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16).view(torch.bfloat16)
     vals = torch.rand(BLOCK, generator=gen) * (1.5 if norm else 0.06) + (0.5 if norm else 0.004)
     if not norm:
         vals *= torch.randint(0, 2, (BLOCK,), generator=gen) * 2 - 1

@@ -150,6 +150,7 @@ def test_compare_passes_at_defaults_on_bf16_and_fails_when_one_tensor_is_perturb
     assert good.dtype == "bfloat16" and good.rounding is not None
     assert ok and verdict.startswith("PASS"), "\n".join(lines + [verdict])
     assert all("megatron vs hf(bfloat16)" in line and "hf(bfloat16) vs hf(float32)" in line for line in lines)
+    assert all(0 < r < 0.05 for _, _, r in good.outputs())  # bf16 rounding, relative: a few 2^-8
     assert len(lines) == 3  # logits, layer 0, final norm
     ok, lines, verdict = bad.judge()
     assert not ok and verdict.startswith("FAIL"), "\n".join(lines + [verdict])
