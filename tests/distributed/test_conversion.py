@@ -192,11 +192,9 @@ def test_tied_and_vl_round_trips_tp2pp2_exported_by_four_workers_are_bit_exact(w
         results = [rank_results[i] for rank_results in per_rank]
         assert all(isinstance(r, dict) for pair in results for r in pair), results
         _assert_bit_exact(src, back)
-        # only TP-rank 0 of each stage writes: ranks 0 (stage 0) and 2 (stage 1) in megatron's TP-fastest order
-        writers = [r for r, (_, exp) in enumerate(results) if exp["bytes_written"] > 0]
-        assert writers == [0, 2], kind
-        assert sum(results[r][1]["bytes_written"] for r in writers) == sum(
-            t.numel() * t.element_size() for t in _tensors(src).values())
+        files = sorted(back.glob("model-*.safetensors"))
+        assert len(files) >= 4 and all(exp["files"] >= 1 for _, exp in results), kind  # every worker wrote
+        assert sum(exp["bytes_written"] for _, exp in results) == sum(f.stat().st_size for f in files)
     assert "lm_head.weight" not in _tensors(Path(plans[0][1].out))
     assert json.loads((Path(plans[0][1].out) / "config.json").read_text())["tie_word_embeddings"] is True
     assert (Path(plans[1][1].out) / "preprocessor_config.json").read_bytes() == \
