@@ -323,6 +323,10 @@ class DistcpReader:
                 self._chunks.setdefault(idx.fqn, []).append((off, sizes[(idx.fqn, off)], info))
         self._maps, self._located, self._fds = {}, {}, {}
 
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
     def shape(self, key: str) -> tuple:
         md = self.meta.state_dict_metadata.get(key)
         if md is None or not hasattr(md, "size"):

@@ -96,6 +96,10 @@ class SafetensorsFile:
     def keys(self) -> list:
         return list(self.tensors)
 
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def _map(self) -> mmap.mmap:
         if self._mm is None:
             with open(self.path, "rb") as f:
