@@ -127,9 +127,10 @@ class _LogprobRunner:
 
             load_megatron_checkpoint(self._stage, megatron_path)
             return
-        from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+        from spark_megatron.models.weights import load_hf_weights
 
-        load_hf_weights(self._stage, HFCheckpointReader(self.hf_dir), self.family.mappings(self.shape),
+        # family.open_hf reads either Qwen2.5-VL naming scheme (hub, or transformers-4.52 fine-tunes)
+        load_hf_weights(self._stage, self.family.open_hf(self.hf_dir, self.shape), self.family.mappings(self.shape),
                         tied=self.shape.tie_word_embeddings)
 
     @property
