@@ -31,11 +31,13 @@ def main(argv=None) -> int:
     from spark_megatron.checkpoint.launcher import run_cli
 
     a = build_parser().parse_args(argv)
-    rc = run_cli(convert_hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
-                 progress=not a.no_progress, timeout_s=a.timeout)
-    if rc == 0 and os.environ.get("RANK", "0") == "0":
-        print(f"wrote {a.out} (TP {a.tp}, PP {a.pp})")
-    return rc
+
+    def done():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"wrote {a.out} (TP {a.tp}, PP {a.pp})")
+
+    return run_cli(convert_hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
+                   progress=not a.no_progress, timeout_s=a.timeout, out=a.out, on_success=done)
 
 
 if __name__ == "__main__":

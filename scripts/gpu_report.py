@@ -110,6 +110,7 @@ def plan_command(bench: dict, cfg_dir: Path, out_json: Path) -> list:
     overrides = [
         f"model.hf_path={cfg_dir}", "model.params_dtype=bfloat16", "model.fp8=null", "model.recompute_activations=false",
         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+        "parallel.data_parallel_size=1",
         "parallel.virtual_pipeline_model_parallel_size=null", "parallel.sequence_parallel=false",
         "parallel.use_distributed_optimizer=true", "parallel.make_vocab_size_divisible_by=128",
         "rollout.tensor_parallel_size=1", "rollout.n=1", f"rollout.max_prompt_tokens={w['prompt_len']}",

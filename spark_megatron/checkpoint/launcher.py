@@ -3,11 +3,16 @@
 Rank functions report user errors (bad checkpoint, mapping mismatch, layout) as values rather than raising,
 after every rank has agreed on them, so the caller gets the original one-line error instead of a traceback
 of a rank failure, and no rank is left waiting in a collective.
+
+Interrupts: SIGINT to the launching process stops the spawned ranks before it returns, SIGINT to a rank stops the
+others; either way the CLI then says whether the output had already been published (the atomic rename is the
+only way an output appears, so it is then complete) or that nothing was written.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 from spark_megatron.models.mapping import MappingError
 from spark_megatron.models.qwen2 import ModelSpecError
@@ -32,13 +37,25 @@ def quiet_known_warnings() -> None:
 
 
 def memory_stats() -> dict:
-    """This process's current and peak resident memory in bytes (Linux ru_maxrss is in KiB)."""
-    import resource
+    """This process's current and peak resident memory in bytes, from /proc/self/status (VmRSS, VmHWM). VmHWM
+    belongs to this process's own address space; getrusage's ru_maxrss is not usable for spawned ranks because
+    Linux carries the parent's high-water mark across fork and exec."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss_bytes" if key == "VmRSS" else "peak_rss_bytes"] = int(value.split()[0]) * 1024
+    return out
 
-    import psutil
 
-    return {"rss_bytes": psutil.Process().memory_info().rss,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS (so a peak measured later excludes what imports touched and freed)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux >= 4.0, or not permitted: the peak then includes the start-up
+        pass
 
 
 def error_value(e: BaseException) -> tuple:
@@ -67,7 +84,8 @@ def agree(status) -> None:
 def run_layout(fn: Callable, world: int, *args, timeout_s: float = 3600) -> list:
     """Run `fn(rank, world, *args)` on `world` ranks; returns per-rank results (only this rank's under torchrun).
 
-    Results that are error values are re-raised as their user-error type.
+    Results that are error values are re-raised as their user-error type; an interrupted rank raises
+    KeyboardInterrupt here (the other ranks have been stopped).
     """
     if under_torchrun():
         env_world = int(os.environ["WORLD_SIZE"])
@@ -77,23 +95,49 @@ def run_layout(fn: Callable, world: int, *args, timeout_s: float = 3600) -> list
         results = [None] * env_world
         results[rank] = fn(rank, env_world, *args)
     else:
-        from spark_megatron.parallel.spawn import run_on_ranks
+        from spark_megatron.parallel.spawn import RankInterrupted, run_on_ranks
 
-        results = run_on_ranks(fn, world, *args, timeout_s=timeout_s)
+        try:
+            results = run_on_ranks(fn, world, *args, timeout_s=timeout_s)
+        except RankInterrupted:
+            raise KeyboardInterrupt("a conversion rank was interrupted") from None
     for r in results:
         raise_if_error(r)
     return results
 
 
-def run_cli(fn: Callable, *args, **kwargs) -> int:
-    """Call a conversion entry point; user errors become one `error: ...` line on stderr and exit code 2."""
+def output_identity(out) -> Optional[tuple]:
+    """(device, inode) of an output directory that exists and is not empty, else None: publishing (an atomic
+    rename onto `out`) always changes it."""
+    if out is None:
+        return None
+    p = Path(out)
+    try:
+        if not p.is_dir() or not any(p.iterdir()):
+            return None
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def run_cli(fn: Callable, *args, out=None, on_success: Optional[Callable] = None, **kwargs) -> int:
+    """Call a conversion entry point; user errors become one `error: ...` line on stderr and exit code 2.
+
+    `out`: the directory the call publishes. After an interrupt (exit code 130) the message says whether it was
+    published by this call (then complete) or that nothing was written. `on_success` (e.g. printing what was
+    written) runs inside the same guard.
+    """
     import sys
 
     from spark_megatron.parallel.spawn import RankFailure
 
     quiet_known_warnings()
+    before = output_identity(out)
     try:
         fn(*args, **kwargs)
+        if on_success is not None:
+            on_success()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -101,7 +145,12 @@ def run_cli(fn: Callable, *args, **kwargs) -> int:
         print(f"error: a conversion rank failed\n{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted (no output written)", file=sys.stderr)
+        after = output_identity(out)
+        if after is not None and after != before:
+            print(f"error: interrupted after {Path(out).absolute()} was published; it is complete (rerun with "
+                  f"--force to replace it)", file=sys.stderr)
+        else:
+            print("error: interrupted (no output written)", file=sys.stderr)
         return 130
     return 0
 

@@ -48,6 +48,9 @@ class CheckpointMeta:
     """Pipeline-parallel size at save time (informational: loading reshards)."""
     step: Optional[int] = None
     """Training step of a trainer checkpoint; None for a conversion."""
+    hf_naming: Optional[str] = None
+    """Tensor-name scheme of the HF checkpoint this was converted from (e.g. 'hub' or 'transformers' for
+    Qwen2.5-VL); HF export writes it back unless told otherwise. None: the family's default."""
     extra: dict = field(default_factory=dict)
     """Trainer-owned JSON-serialisable fields (consumed samples, data cursor, ...)."""
     format_version: int = FORMAT_VERSION
@@ -191,20 +194,18 @@ def use_in_process_write_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_sharded_checkpoint(sharded_state_dict: dict, out_dir, meta: CheckpointMeta, aux_from=None,
-                            force: bool = False, before_commit=None, after_commit=None) -> Path:
-    """Save any sharded state dict (the trainer adds 'optimizer' etc. beside 'model') in this format.
+def write_checkpoint(out_dir, meta: CheckpointMeta, write, aux_from=None, force: bool = False,
+                     before_commit=None, after_commit=None) -> Path:
+    """All ranks: `write(temp_dir)` fills the temp dir collectively (tensor files and dist-checkpoint metadata);
+    rank 0 then adds spark_meta.json and the aux files and publishes the directory atomically.
 
-    All ranks call. `aux_from`: directory whose tokenizer/generation/processor files are copied along.
     Rank 0 runs `before_commit(temp_dir)` (e.g. a completion marker) before the atomic rename and
     `after_commit(out_dir)` after it; an OSError/CheckpointError in either fails the save on every rank.
     """
-    from megatron.core import dist_checkpointing
-
     tmp = prepare_temp_dir(out_dir, force)
     status = ("ok", "")
     try:
-        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        write(tmp)
         _barrier()
         if _rank() == 0:
             try:
@@ -228,6 +229,76 @@ def save_sharded_checkpoint(sharded_state_dict: dict, out_dir, meta: CheckpointM
             atomic.discard(tmp)
         raise CheckpointError(status[1])
     return Path(out_dir)
+
+
+def save_sharded_checkpoint(sharded_state_dict: dict, out_dir, meta: CheckpointMeta, aux_from=None,
+                            force: bool = False, before_commit=None, after_commit=None) -> Path:
+    """Save any sharded state dict (the trainer adds 'optimizer' etc. beside 'model') in this format through
+    `dist_checkpointing.save`. All ranks call; see `write_checkpoint` for the publish hooks."""
+    from megatron.core import dist_checkpointing
+
+    return write_checkpoint(out_dir, meta, lambda tmp: dist_checkpointing.save(sharded_state_dict, str(tmp)),
+                            aux_from, force, before_commit, after_commit)
+
+
+# --------------------------------------------------------------------- where each parameter lives in the file
+
+@dataclass(frozen=True)
+class ShardView:
+    """One ShardedTensor of a parameter: the region of the parameter it covers (a strided view) and where that
+    region sits in the checkpoint's global tensor `key`."""
+
+    key: str
+    global_shape: tuple
+    global_offset: tuple
+    """Offsets in the global tensor, prepended (layer) axes included."""
+    chunk_shape: tuple
+    """The stored chunk's shape: size-1 prepended axes, then the view's shape."""
+    size: tuple
+    stride: tuple
+    storage_offset: int
+    """Of the view, relative to the parameter's first element."""
+
+    def of(self, param_like: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """The same region of a contiguous tensor shaped like the parameter."""
+        return param_like.as_strided(self.size, self.stride, param_like.storage_offset() + self.storage_offset)
+
+
+def stage_shard_views(stage, main_replicas_only: bool = True) -> tuple:
+    """A stage's parameters as megatron's sharded state dict lays them out in a checkpoint:
+    ({local parameter name: [ShardView, ...]}, [(ShardedObject unique key, [data, ...]), ...]).
+
+    Factories (e.g. the gated MLP's gate/up halves) are applied; with `main_replicas_only`, only what this rank
+    stores when saving is listed (a TP-replicated norm on TP rank 0 only, a tied output layer nowhere). Works on a
+    skeleton built on the meta device: only shapes, strides and storage identities are read.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor, ShardedTensorFactory,
+                                                          is_main_replica)
+
+    params = dict(stage.named_parameters()) if not isinstance(stage, (list, tuple)) else \
+        {f"{i}.{n}": p for i, c in enumerate(stage) for n, p in c.named_parameters()}
+    owner = {p.untyped_storage()._cdata: n for n, p in params.items()}
+    views, objects = {}, {}
+    items = []
+    for v in nested_values(model_sharded_state_dict(stage)):
+        items.extend(nested_values(v.build()) if isinstance(v, ShardedTensorFactory) else [v])
+    for st in items:
+        if main_replicas_only and not is_main_replica(st.replica_id):
+            continue
+        if isinstance(st, ShardedObject):
+            objects.setdefault(st.unique_key, []).append(st.data)
+            continue
+        if not isinstance(st, ShardedTensor) or st.flattened_range is not None:
+            raise CheckpointError(f"{getattr(st, 'key', st)}: unsupported sharded entry for direct conversion")
+        name = owner.get(st.data.untyped_storage()._cdata)
+        if name is None:
+            raise CheckpointError(f"{st.key}: sharded tensor that is no parameter of the stage")
+        rel = st.data.storage_offset() - params[name].storage_offset()
+        views.setdefault(name, []).append(ShardView(
+            st.key, tuple(st.global_shape), tuple(st.global_offset),
+            (1,) * st.prepend_axis_num + tuple(st.local_shape), tuple(st.data.shape), tuple(st.data.stride()), rel))
+    return views, list(objects.items())
 
 
 def current_layout() -> tuple:

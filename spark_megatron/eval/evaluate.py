@@ -19,8 +19,8 @@ def manifest_for(suite, source, data_hashes: dict) -> dict:
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def evaluate(model: str, suite, out, force: bool = False, progress: bool = True, export_tp: int = 1,
-             export_pp: int = 1, make_generator: Optional[Callable] = None, log: Callable = print) -> dict:
+def evaluate(model: str, suite, out, force: bool = False, progress: bool = True, export_workers: int = 1,
+             make_generator: Optional[Callable] = None, log: Callable = print) -> dict:
     """Score every item of `suite` not yet in `out`/items.jsonl; write summary.json and table.md; return the
     summary. `make_generator(hf_dir)` replaces the engine (tests)."""
     from spark_megatron.verify import Verifier
@@ -42,7 +42,7 @@ def evaluate(model: str, suite, out, force: bool = False, progress: bool = True,
     with contextlib.ExitStack() as stack, Verifier(timeout_s=suite.verify_timeout_s,
                                                    num_workers=suite.verify_workers) as verifier:
         def generator():
-            hf_dir = stack.enter_context(hf_directory(source, export_tp, export_pp, progress=progress))
+            hf_dir = stack.enter_context(hf_directory(source, export_workers, progress=progress))
             if make_generator is not None:
                 return make_generator(hf_dir)
             engine = build_eval_engine(suite.engine, suite.decoding, hf_dir)

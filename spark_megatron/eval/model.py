@@ -48,7 +48,7 @@ def resolve_model(path: str) -> ModelSource:
 
 
 @contextlib.contextmanager
-def hf_directory(source: ModelSource, tp: int = 1, pp: int = 1, workdir: Optional[str] = None,
+def hf_directory(source: ModelSource, workers: int = 1, workdir: Optional[str] = None,
                  progress: bool = True) -> Iterator[str]:
     """The HF directory to serve: the source itself, or a temporary export of the Megatron checkpoint (removed
     afterwards; a re-run after a kill exports again)."""
@@ -63,7 +63,7 @@ def hf_directory(source: ModelSource, tp: int = 1, pp: int = 1, workdir: Optiona
     tmp = Path(tempfile.mkdtemp(prefix="spark_eval_hf_", dir=workdir))
     try:
         out = tmp / "hf"
-        export_megatron_to_hf(source.path, out, tp=tp, pp=pp, progress=progress)
+        export_megatron_to_hf(source.path, out, workers=workers, progress=progress)
         yield str(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

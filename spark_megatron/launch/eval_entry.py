@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-reflection", action="store_true",
                    help="answer -> self-judge -> retry (at most self_reflection.max_rounds, default 2)")
     p.add_argument("--force", action="store_true", help="replace the results of another suite/model in --output")
-    p.add_argument("--export-tp", type=int, default=1, help="TP of the on-the-fly Megatron -> HF export")
-    p.add_argument("--export-pp", type=int, default=1, help="PP of the on-the-fly Megatron -> HF export")
+    p.add_argument("--export-workers", type=int, default=1,
+                   help="processes of the on-the-fly Megatron -> HF export (each writes its share of the HF files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="suite overrides, e.g. decoding.max_tokens=512 "
                                                 "datasets.MathVista.limit=100")
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         from spark_megatron.eval.evaluate import evaluate
 
         summary = evaluate(args.model, suite, args.output, force=args.force, progress=not args.no_progress,
-                           export_tp=args.export_tp, export_pp=args.export_pp)
+                           export_workers=args.export_workers)
     except Exception as e:
         if not _user_error(e):
             raise

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
+from spark_megatron.models.mapping import HFNaming
 from spark_megatron.models.qwen2 import ModelSpecError
 
 
@@ -24,6 +25,20 @@ class ModelFamily:
     """(shape) -> MappingRegistry of every parameter."""
     hf_model_class: str
     """transformers class name of the oracle model (e.g. 'Qwen2ForCausalLM')."""
+    hf_naming: Optional[HFNaming] = None
+    """The tensor-name schemes the family's HF checkpoints come in (None: only the mappings' own names)."""
+
+    def hf_namings(self) -> tuple:
+        """Names of the schemes conversion reads and writes (the first is the default on export)."""
+        return self.hf_naming.schemes if self.hf_naming is not None else ("hub",)
+
+    def open_hf(self, hf_dir, shape):
+        """An HFCheckpointReader of `hf_dir` serving the mappings' names whatever scheme the files use."""
+        from spark_megatron.models.weights import HFCheckpointReader
+
+        if self.hf_naming is None:
+            return HFCheckpointReader(hf_dir)
+        return HFCheckpointReader(hf_dir, self.hf_naming, self.mappings(shape).hf_names())
 
 
 _FAMILIES: dict = {}

@@ -64,20 +64,28 @@ def _decode(h: torch.Tensor, dim: int, ndim: int) -> Optional[torch.Tensor]:
     return v[:, 0] // width
 
 
-def _segments(src: list, n: int, dim: int) -> OutputLayout:
-    """Cut decoded source indices into per-rank segments (consecutive in the HF tensor), each a list of runs
-    that are consecutive in that rank's shard too."""
-    segments, j0 = [], 0
-    for j in range(1, len(src) + 1):
-        if j == len(src) or src[j] // n != src[j0] // n:
-            runs = [[src[j0] % n, 1]]
-            for g in src[j0 + 1:j]:
-                if runs[-1][0] + runs[-1][1] == g % n:
-                    runs[-1][1] += 1
-                else:
-                    runs.append([g % n, 1])
-            segments.append(Segment(src[j0] // n, j0, j - j0, tuple(tuple(r) for r in runs)))
-            j0 = j
+def _segments(src: torch.Tensor, n: int, dim: int) -> OutputLayout:
+    """Cut decoded source indices (1-D int64) into per-rank segments (consecutive in the HF tensor), each a list
+    of runs that are consecutive in that rank's shard too. Vectorised: only segment and run starts are visited
+    in Python (a vocab-sized probe has 10^5 rows and a handful of runs)."""
+    if src.numel() == 0:
+        return OutputLayout(dim, ())
+    rank, local = src // n, src % n
+    seg_break = torch.ones(src.numel(), dtype=torch.bool)
+    seg_break[1:] = rank[1:] != rank[:-1]
+    run_break = seg_break.clone()
+    run_break[1:] |= local[1:] != local[:-1] + 1
+    seg_starts = seg_break.nonzero().flatten().tolist() + [src.numel()]
+    run_starts = run_break.nonzero().flatten().tolist() + [src.numel()]
+    local_l, rank_l = local.tolist() if len(run_starts) > 64 else None, rank.tolist() if len(seg_starts) > 64 else None
+    segments, r = [], 0
+    for a, b in zip(seg_starts[:-1], seg_starts[1:]):
+        runs = []
+        while run_starts[r] < b:
+            start = run_starts[r]
+            runs.append((int(local_l[start] if local_l else local[start]), run_starts[r + 1] - start))
+            r += 1
+        segments.append(Segment(int(rank_l[a] if rank_l else rank[a]), a, b - a, tuple(runs)))
     return OutputLayout(dim, tuple(segments))
 
 
@@ -105,7 +113,7 @@ def derive_layout(mapping, shard_shape: tuple, tp: int) -> Optional[tuple]:
     if everything.numel() and (int(everything.min()) < 0 or int(everything.max()) >= ranks * n
                                or everything.unique().numel() != everything.numel()):
         return None
-    return tuple(_segments(d.tolist(), n, dim) for d in decoded)
+    return tuple(_segments(d, n, dim) for d in decoded)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -272,3 +272,43 @@ class MappingRegistry:
             for layer in layers:
                 out.extend(m.resolve(layer)[1])
         return out
+
+
+@dataclass(frozen=True)
+class HFNaming:
+    """The tensor-name schemes one family's HF checkpoints come in. The mappings use `schemes[0]` ("canonical");
+    `rules[scheme]` = ((canonical prefix, that scheme's prefix), ...), and a name under no rule's prefix is not a
+    name of that scheme."""
+
+    schemes: tuple
+    rules: dict
+
+    def to_scheme(self, name: str, scheme: str) -> str:
+        """Canonical name -> the name under `scheme`."""
+        for canonical, prefix in self.rules[scheme]:
+            if name.startswith(canonical):
+                return prefix + name[len(canonical):]
+        return name
+
+    def to_canonical(self, name: str, scheme: str) -> Optional[str]:
+        """A name under `scheme` -> its canonical name (None when it is not a name of that scheme)."""
+        for canonical, prefix in sorted(self.rules[scheme], key=lambda r: -len(r[1])):
+            if name.startswith(prefix):
+                return canonical + name[len(prefix):]
+        return None
+
+    def detect(self, names: list, known: set, source: str) -> str:
+        """The scheme `names` use, judged by which scheme turns them into `known` canonical names. Mixed schemes
+        are an error (a checkpoint written by one tool uses one); no match at all falls back to the canonical one,
+        so the missing-tensor checks name what is absent."""
+        hits = {s: [] for s in self.schemes}
+        for n in names:  # names every scheme spells alike (lm_head.weight) tell nothing
+            accepting = [s for s in self.schemes if self.to_canonical(n, s) in known]
+            if len(accepting) == 1:
+                hits[accepting[0]].append(n)
+        used = [s for s in self.schemes if hits[s]]
+        if len(used) > 1:
+            a, b = used[0], used[1]
+            raise MappingError(f"{source}: the checkpoint mixes {a} tensor names (e.g. '{hits[a][0]}') with {b} "
+                               f"names (e.g. '{hits[b][0]}')")
+        return used[0] if used else self.schemes[0]

@@ -107,20 +107,36 @@ def hf_forward(hf_model, inputs):
     return out.logits.float(), layers
 
 
-def compare_stage(model, hf_model, inputs, vocab_size: int) -> ParityReport:
-    """Diff this rank's stage against HF, then merge every rank's findings (all ranks must call).
-    `inputs`: ParityInputs, or a plain [b, s] token tensor for text models."""
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over all elements."""
+    return (a - b).abs().max().item()
+
+
+def max_relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst position's relative difference: max over [..., position] of ||a - b|| / ||b|| along the last dim.
+    Scale-free per token, so a token with huge activations (whose rounding error is large in absolute terms)
+    cannot hide a wrong one with small activations."""
+    num = (a - b).float().norm(dim=-1)
+    den = b.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (num / den).max().item()
+
+
+def output_diffs(logits_a, hidden_a: dict, logits_b, hidden_b: dict, metric=max_abs_diff) -> ParityReport:
+    """`metric(a, b)` of the logits (if `logits_a` is not None) and of every layer both sides have (the report's
+    fields say max abs diff; they hold whatever `metric` measures)."""
+    out = ParityReport()
+    if logits_a is not None:
+        out.logits_max_abs_diff = metric(logits_a, logits_b)
+    for k, v in hidden_a.items():
+        if k in hidden_b:  # HF exposes the last layer only after the final norm ('final_norm')
+            out.hidden_max_abs_diff[k] = metric(v, hidden_b[k])
+    return out
+
+
+def merge_reports(local: ParityReport) -> ParityReport:
+    """Every rank's report (each covers its own stage's outputs) merged on every rank (all ranks must call)."""
     import torch.distributed as dist
 
-    m_logits, m_hidden = megatron_forward(model, inputs, vocab_size)
-    h_logits, h_hidden = hf_forward(hf_model, inputs)
-    local = ParityReport()
-    if m_logits is not None:
-        local.logits_max_abs_diff = (m_logits - h_logits).abs().max().item()
-    for k, v in m_hidden.items():
-        if k not in h_hidden:  # HF exposes the last layer only after the final norm ('final_norm')
-            continue
-        local.hidden_max_abs_diff[k] = (v - h_hidden[k]).abs().max().item()
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, local)
     merged = ParityReport()
@@ -131,3 +147,11 @@ def compare_stage(model, hf_model, inputs, vocab_size: int) -> ParityReport:
         for k, v in r.hidden_max_abs_diff.items():
             merged.hidden_max_abs_diff[k] = max(v, merged.hidden_max_abs_diff.get(k, 0.0))
     return merged
+
+
+def compare_stage(model, hf_model, inputs, vocab_size: int) -> ParityReport:
+    """Diff this rank's stage against HF, then merge every rank's findings (all ranks must call).
+    `inputs`: ParityInputs, or a plain [b, s] token tensor for text models."""
+    m_logits, m_hidden = megatron_forward(model, inputs, vocab_size)
+    h_logits, h_hidden = hf_forward(hf_model, inputs)
+    return merge_reports(output_diffs(m_logits, m_hidden, h_logits, h_hidden))

@@ -182,12 +182,20 @@ def model_provider(shape: TextModelShape, params_dtype: str = "float32", fp8: Op
     return provider
 
 
-def build_stage(shape: TextModelShape, params_dtype: str = "float32", **kw):
-    """The local pipeline stage as a plain module (no DDP wrapper), on the compute device."""
-    from megatron.core import parallel_state as ps
-
+def on_compute_device(model):
+    """`model` moved to the compute device, unless it was built on the meta device (a skeleton: its layout and
+    sharded state dict are known, it holds no memory)."""
     from spark_megatron.parallel.cpu_compat import compute_device
 
+    first = next(model.parameters(), None)
+    return model if first is not None and first.is_meta else model.to(compute_device())
+
+
+def build_stage(shape: TextModelShape, params_dtype: str = "float32", **kw):
+    """The local pipeline stage as a plain module (no DDP wrapper), on the compute device; built under
+    `torch.device("meta")` it stays there."""
+    from megatron.core import parallel_state as ps
+
     provider = model_provider(shape, params_dtype, **kw)
-    model = provider(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    return model.to(compute_device())
+    return on_compute_device(provider(pre_process=ps.is_pipeline_first_stage(),
+                                      post_process=ps.is_pipeline_last_stage()))

@@ -81,7 +81,8 @@ class VLModelShape:
 
 def check_vl_layout(shape: VLModelShape, tp: int, pp: int, divisible_by: int = 128) -> None:
     """The text model's checks plus the vision tower's: TP must divide its heads and merger width. The vision
-    MLP width is exempt: Megatron zero-pads it to a TP-divisible size (vision.vision_ffn_size), e.g. 3420 at TP 8."""
+    MLP width is exempt: Megatron zero-pads it to a TP-divisible size (vision.vision_ffn_size), e.g. the 7B's
+    3420 at TP 4 or 8."""
     check_parallel_layout(shape.text, tp, pp, divisible_by)
     v, problems = shape.vision, []
     for what, n in (("vision num_heads", v.num_heads),
@@ -199,16 +200,18 @@ class Qwen25VLModel(torch.nn.Module):
 
 
 def model_provider(shape: VLModelShape, params_dtype: str = "float32", fp8: Optional[str] = None,
-                   recompute: bool = False, divisible_by: int = 128, freeze_vision: bool = False):
-    """`provider(pre_process, post_process, vp_stage=None)` for the current parallel state."""
+                   recompute: bool = False, divisible_by: int = 128, freeze_vision: bool = False,
+                   init_weights: bool = True):
+    """`provider(pre_process, post_process, vp_stage=None)` for the current parallel state. init_weights=False
+    leaves every parameter (vision tower included) uninitialised, for stages that are loaded right after."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     check_vl_layout(shape, tp, pp, divisible_by)
-    lm_config = transformer_config(shape.text, tp, pp, params_dtype, fp8, recompute)
+    lm_config = transformer_config(shape.text, tp, pp, params_dtype, fp8, recompute, init_weights=init_weights)
     lm_config.mrope_section = list(shape.mrope_section)
-    vision_config = vision_transformer_config(shape.vision, tp, params_dtype, fp8)
+    vision_config = vision_transformer_config(shape.vision, tp, params_dtype, fp8, init_weights=init_weights)
 
     def provider(pre_process=True, post_process=True, vp_stage=None):
         model = Qwen25VLModel(shape, lm_config, vision_config, pre_process, post_process, divisible_by, vp_stage)
@@ -219,14 +222,15 @@ def model_provider(shape: VLModelShape, params_dtype: str = "float32", fp8: Opti
 
 
 def build_stage(shape: VLModelShape, params_dtype: str = "float32", **kw):
-    """This rank's pipeline stage (vision tower included on the first stage), on the compute device."""
+    """This rank's pipeline stage (vision tower included on the first stage), on the compute device; built under
+    `torch.device("meta")` it stays there (a skeleton whose layout conversion reads without any memory)."""
     from megatron.core import parallel_state as ps
 
-    from spark_megatron.parallel.cpu_compat import compute_device
+    from spark_megatron.models.qwen2 import on_compute_device
 
     provider = model_provider(shape, params_dtype, **kw)
-    model = provider(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    return model.to(compute_device())
+    return on_compute_device(provider(pre_process=ps.is_pipeline_first_stage(),
+                                      post_process=ps.is_pipeline_last_stage()))
 
 
 def _mappings(shape):
@@ -235,8 +239,14 @@ def _mappings(shape):
     return qwen2_5_vl_mappings(shape)
 
 
+def _naming():
+    from spark_megatron.models.qwen2_5_vl_mapping import NAMING
+
+    return NAMING
+
+
 _families._register_builtin()  # registering first must not stop the built-in text family from registering
 register_family(ModelFamily(
     name="qwen2_5_vl", architectures=ARCHITECTURES, shape_from_hf_dict=VLModelShape.from_hf_dict,
     check_layout=check_vl_layout, build_stage=build_stage, mappings=_mappings,
-    hf_model_class="Qwen2_5_VLForConditionalGeneration"))
+    hf_model_class="Qwen2_5_VLForConditionalGeneration", hf_naming=_naming()))

@@ -1,16 +1,19 @@
 """Qwen2.5-VL HF <-> Megatron parameter table (vision tower + merger + mRoPE language model).
 
-HF names are the checkpoint (safetensors) names that `save_pretrained` writes and vLLM loads: `visual.*`,
-`model.*` (language model), `lm_head.weight`. In-memory HF modules use `model.visual.*` /
-`model.language_model.*`; `hf_module_name` converts for `load_state_dict`. The vision MLP width is zero-padded
-in Megatron (models/vision.py says why and how much); its mappings pad on import and strip on export, so
-conversion and weight sync see HF's shapes.
+The table uses the hub checkpoints' names (`visual.*`, `model.*` for the language model, `lm_head.weight`), which
+the published checkpoints carry and transformers 5 writes again on `save_pretrained`. Checkpoints saved by
+transformers 4.52-4.5x name the same tensors as its modules do: `model.visual.*`, `model.language_model.*`,
+`lm_head.weight` (transformers' conversion_mapping renames `^visual` -> `model.visual` and `^model` ->
+`model.language_model` on load; vLLM's Qwen2.5-VL `hf_to_vllm_mapper` accepts both). `NAMING` converts between the
+two schemes; conversion reads either and writes either. The vision MLP width is zero-padded in Megatron
+(models/vision.py says why and how much); its mappings pad on import and strip on export, so conversion and
+weight sync see HF's shapes.
 """
 from __future__ import annotations
 
 import torch
 
-from spark_megatron.models.mapping import (ColumnParallelMapping, MappingError, MappingRegistry,
+from spark_megatron.models.mapping import (ColumnParallelMapping, HFNaming, MappingError, MappingRegistry,
                                            PaddedGatedMLPMapping, PaddedRowParallelMapping, QKVMapping,
                                            ReplicatedMapping, RowParallelMapping)
 from spark_megatron.models.qwen2_mapping import qwen2_mappings
@@ -118,10 +121,15 @@ def qwen2_5_vl_mappings(shape, divisible_by: int = 128) -> SectionedMappingRegis
     return SectionedMappingRegistry(vision_mappings(shape.vision) + lm.mappings, sections, shape.text.num_layers)
 
 
+NAMING = HFNaming(
+    schemes=("hub", "transformers"),
+    rules={"hub": (("visual.", "visual."), ("model.", "model."), ("lm_head.", "lm_head.")),
+           "transformers": (("visual.", "model.visual."), ("model.", "model.language_model."),
+                            ("lm_head.", "lm_head."))})
+"""hub: the published checkpoints' names (canonical here); transformers: the module names of
+Qwen2_5_VLForConditionalGeneration, which transformers 4.52-4.5x also wrote to checkpoints."""
+
+
 def hf_module_name(checkpoint_name: str) -> str:
-    """Checkpoint tensor name -> Qwen2_5_VLForConditionalGeneration state-dict key (transformers 5.x)."""
-    if checkpoint_name.startswith("visual."):
-        return "model." + checkpoint_name
-    if checkpoint_name.startswith("model."):
-        return "model.language_model." + checkpoint_name[len("model."):]
-    return checkpoint_name
+    """Hub checkpoint tensor name -> Qwen2_5_VLForConditionalGeneration state-dict key (transformers 5.x)."""
+    return NAMING.to_scheme(checkpoint_name, "transformers")

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from spark_megatron.models.mapping import padded_size
 from spark_megatron.models.qwen2 import ModelSpecError, _DTYPES, have_transformer_engine
 
-# The vision MLP width (3420 in every Qwen2.5-VL) is zero-padded so any TP splits it (HF -> Megatron pads, export
-# and weight sync strip, see qwen2_5_vl_mapping). Each TP shard is a multiple of 16: TE's FP8 GEMMs need
-# dims divisible by 16 and bf16 tensor cores prefer it. The padded width is also a multiple of 128 = 16 x 8, so
-# TP 1, 2, 4 and 8 all pad alike (3420 -> 3456, 1 % more MLP) and a Megatron checkpoint's vision MLP has one
-# shape that dist_checkpointing reshards across those TP sizes, as the TP-independent padded vocab does.
+# The vision MLP width is zero-padded where TP would not split it into shards of a multiple of 16 (HF -> Megatron
+# pads, export and weight sync strip, see qwen2_5_vl_mapping): TE's FP8 GEMMs need dims divisible by 16 and bf16
+# tensor cores prefer it. Qwen2.5-VL-3B and -7B have 3420 (855 per shard at TP 4, not even an integer at TP 8),
+# the 32B and 72B 3456 (= 27 x 128: 432 per shard at TP 8, no padding). The padded width is also a multiple of
+# 128 = 16 x 8, so TP 1, 2, 4 and 8 all pad alike (3420 -> 3456, 1 % more MLP) and a Megatron checkpoint's vision
+# MLP has one shape that dist_checkpointing reshards across those TP sizes, as the TP-independent padded vocab.
 FFN_SHARD_MULTIPLE = 16
 FFN_MULTIPLE = 128
 
@@ -83,7 +84,9 @@ def ffn_padding_start(intermediate_size: int, tp: int, tp_rank: int) -> int:
     return min(max(intermediate_size - tp_rank * shard, 0), shard)
 
 
-def vision_transformer_config(v: VisionShape, tp: int, params_dtype: str = "float32", fp8: Optional[str] = None):
+def vision_transformer_config(v: VisionShape, tp: int, params_dtype: str = "float32", fp8: Optional[str] = None,
+                              init_weights: bool = True):
+    """init_weights=False: no random initialisation (the tower is loaded right after), as for the text model."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = _DTYPES[params_dtype]
@@ -96,7 +99,8 @@ def vision_transformer_config(v: VisionShape, tp: int, params_dtype: str = "floa
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,  # the whole tower lives on stage 0
         sequence_parallel=False, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        pipeline_dtype=dtype, use_cpu_initialization=True, attention_softmax_in_fp32=True)
+        pipeline_dtype=dtype, use_cpu_initialization=True, attention_softmax_in_fp32=True,
+        perform_initialization=init_weights)
     if fp8:
         kw.update(fp8="hybrid" if fp8 == "delayed" else "e4m3")
     return TransformerConfig(**kw)
@@ -201,11 +205,13 @@ class VisionTransformer(torch.nn.Module):
         self.patch_embed_weight = torch.nn.Parameter(torch.empty(
             v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size,
             dtype=config.params_dtype))
-        torch.nn.init.normal_(self.patch_embed_weight, std=0.02)
+        if config.perform_initialization:  # else every parameter, padding included, is loaded right after
+            torch.nn.init.normal_(self.patch_embed_weight, std=0.02)
         self.decoder = TransformerBlock(config=config, spec=vision_layer_spec(self.use_te),
                                         post_layer_norm=False, pre_process=True, post_process=False)
         self.merger = PatchMerger(v, config)
-        self.zero_ffn_padding()
+        if config.perform_initialization:
+            self.zero_ffn_padding()
         half = v.head_dim // 2
         self.register_buffer("inv_freq", 1.0 / (v.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float)
                                                                   / half)), persistent=False)

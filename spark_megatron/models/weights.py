@@ -12,49 +12,54 @@ from typing import Iterator, Optional
 
 import torch
 
+from spark_megatron.models.hf_files import CheckpointError, SafetensorsFile, TensorInfo
 from spark_megatron.models.mapping import MappingError, MappingRegistry
 
-
-class CheckpointError(ValueError):
-    """A missing, corrupt or incomplete checkpoint file."""
+__all__ = ["CheckpointError", "HFCheckpointReader", "load_hf_weights", "export_hf_weights", "global_param_names"]
 
 
 class HFCheckpointReader:
-    """Lazy, validated access to the tensors of an HF safetensors checkpoint directory."""
+    """Lazy, validated access to the tensors of an HF safetensors checkpoint directory.
 
-    def __init__(self, hf_dir):
-        from safetensors import safe_open
+    Every shard's header is parsed up front (a missing, truncated or inconsistent file is named at once); tensors
+    are zero-copy views of a private mmap (`get`), whose pages `release` drops again. With a family's `naming`
+    (several tensor-name schemes, e.g. Qwen2.5-VL's hub vs transformers-4.52 names), the scheme the files use is
+    detected and every name is served in the canonical scheme the mappings use.
+    """
 
+    def __init__(self, hf_dir, naming=None, known_names=None):
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: unreadable index ({e})") from None
         elif (self.dir / "model.safetensors").is_file():
             weight_map = None
         else:
             raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._handles, self._where = {}, {}
+        self._files, raw_where = {}, {}
         for f in files:
             path = self.dir / f
             if not path.is_file():
                 raise CheckpointError(f"{path}: shard listed in the index is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-                keys = list(handle.keys())
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-                raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__}: {e})") from None
-            self._handles[f] = handle
-            for k in keys:
-                self._where[k] = f
+            self._files[f] = SafetensorsFile(path)
+            for k in self._files[f].keys():
+                raw_where[k] = f
         if weight_map:
-            missing = [k for k, f in weight_map.items() if self._where.get(k) != f]
+            missing = [k for k, f in weight_map.items() if raw_where.get(k) != f]
             if missing:
                 raise CheckpointError(f"{self.dir}: index lists {len(missing)} tensors not found in their shard, "
                                       f"e.g. '{missing[0]}'")
+        self.naming, self.scheme = naming, None
+        self._raw = {k: k for k in raw_where}
+        if naming is not None:
+            self.scheme = naming.detect(list(raw_where), set(known_names or ()), str(self.dir))
+            self._raw = {naming.to_canonical(k, self.scheme) or k: k for k in raw_where}
+        self._where = {name: raw_where[raw] for name, raw in self._raw.items()}
+        """canonical tensor name -> shard file name"""
 
     def keys(self) -> list:
         return list(self._where)
@@ -62,16 +67,36 @@ class HFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> torch.Tensor:
+    def file_name(self, name: str) -> str:
+        """The name the tensor has in the checkpoint files (differs from `name` under a non-canonical scheme)."""
+        return self._raw[name]
+
+    def info(self, name: str) -> TensorInfo:
         if name not in self._where:
             raise CheckpointError(f"{self.dir}: tensor '{name}' not in checkpoint")
-        try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.dir / self._where[name]}: cannot read '{name}' ({e})") from None
+        return self._files[self._where[name]].tensors[self._raw[name]]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as a view of its file's private mapping (copy-on-write: writing to it never changes the
+        file); pages are read when touched."""
+        self.info(name)
+        return self._files[self._where[name]].view(self._raw[name])
+
+    def rows(self, name: str, row0: int, nrows: int):
+        """Rows [row0, row0 + nrows) (dim 0) of a tensor as a Piece of its file's mapping."""
+        self.info(name)
+        return self._files[self._where[name]].rows(self._raw[name], row0, nrows)
+
+    def release(self, name: Optional[str] = None) -> None:
+        """Drop one tensor's pages (or every file's) from this process's resident memory."""
+        if name is None:
+            for f in self._files.values():
+                f.release()
+        elif name in self._where:
+            self._files[self._where[name]].release(self._raw[name])
 
     def nbytes(self) -> int:
-        return sum((self.dir / f).stat().st_size for f in self._handles)
+        return sum((self.dir / f).stat().st_size for f in self._files)
 
 
 def _layer_stacks(model) -> dict:
@@ -128,15 +153,22 @@ def load_hf_weights(model, reader: HFCheckpointReader, registry: MappingRegistry
     for name, param in global_param_names(model):
         mapping, layer = _mapping_for(registry, name, tied)
         _, hf_names = mapping.resolve(layer)
-        hf = [reader.get(h) for h in hf_names]
-        if not _copy_own_segments(param, hf, mapping, tp_rank, tp_size):
-            shard = mapping.hf_to_shard(hf, tp_rank, tp_size)
-            if tuple(shard.shape) != tuple(param.shape):
-                raise MappingError(f"{name} <- {hf_names}: shard shape {tuple(shard.shape)} != parameter "
-                                   f"{tuple(param.shape)}")
-            param.copy_(shard.to(param.dtype))
+        fill_shard(param, [reader.get(h) for h in hf_names], mapping, tp_rank, tp_size, name, hf_names)
         loaded += 1
     return loaded
+
+
+def fill_shard(dst: torch.Tensor, hf: list, mapping, tp_rank: int, tp_size: int, name: str, hf_names) -> None:
+    """Write this TP rank's shard of one parameter into `dst` (the parameter, or a buffer shaped like it) from
+    its HF tensors: slice by slice where the mapping is a pure permutation, else through the mapping's functions."""
+    with torch.no_grad():
+        if _copy_own_segments(dst, hf, mapping, tp_rank, tp_size):
+            return
+        shard = mapping.hf_to_shard(hf, tp_rank, tp_size)
+        if tuple(shard.shape) != tuple(dst.shape):
+            raise MappingError(f"{name} <- {tuple(hf_names)}: shard shape {tuple(shard.shape)} != parameter "
+                               f"{tuple(dst.shape)}")
+        dst.copy_(shard.to(dst.dtype))
 
 
 def _copy_own_segments(param: torch.Tensor, hf: list, mapping, tp_rank: int, tp_size: int) -> bool:

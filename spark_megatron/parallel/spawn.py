@@ -21,6 +21,9 @@ import torch.multiprocessing as mp
 
 from spark_megatron.parallel.rank_status import HUNG_EXIT, STATUS_DIR_ENV, read_status
 
+_INTERRUPTED = object()
+"""_collect's answer when a rank got KeyboardInterrupt."""
+
 _GRACE_S = 3.0
 """After a rank failed: how long to look for a rank that died (its death is usually the cause)."""
 
@@ -40,6 +43,10 @@ class RankFailure(RuntimeError):
         return self.summary
 
 
+class RankInterrupted(RankFailure):
+    """A spawned rank got KeyboardInterrupt (SIGINT); the other ranks have been stopped."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,6 +60,8 @@ def _entry(rank, world, port, fn, args, queue, env):
     try:
         out = fn(rank, world, *args)
         queue.put((rank, True, out, None))
+    except KeyboardInterrupt:
+        queue.put((rank, "interrupted", traceback.format_exc(), None))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent
         queue.put((rank, False, traceback.format_exc(), _one_line(e)))
     finally:
@@ -86,12 +95,19 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 600, env: dict |
     results, failures, summary = {}, [], None
     try:
         summary = _collect(procs, queue, results, failures, timeout_s, status_dir)
+        if summary is _INTERRUPTED:
+            stop(procs)
+    except BaseException:  # an interrupt (or timeout) here: the ranks must not go on (and publish) without us
+        stop(procs)
+        raise
     finally:
         for p in procs:
             p.join(timeout=5 if failures or summary else 60)
             if p.is_alive():
                 p.kill()
         shutil.rmtree(status_dir, ignore_errors=True)
+    if summary is _INTERRUPTED:
+        raise RankInterrupted("\n".join(failures))
     if failures or summary:
         message, code = summary if isinstance(summary, tuple) else (summary, None)
         raise RankFailure("\n".join(failures), message, code)
@@ -112,10 +128,12 @@ def _collect(procs: list, queue, results: dict, failures: list, timeout_s: float
                 raise RankFailure("", f"ranks {sorted(set(range(len(procs))) - set(results))} did not finish "
                                       f"within {timeout_s:g} s") from None
             continue
-        if ok:
+        if ok is True:
             results[rank] = payload
             continue
         failures.append(f"--- rank {rank} ---\n{payload}")
+        if ok == "interrupted":  # SIGINT reached a rank: the caller stops the others
+            return _INTERRUPTED
         end = time.monotonic() + _GRACE_S  # another rank's death or engine failure is likely the cause
         while time.monotonic() < end:
             if _dead(procs, results):
@@ -159,3 +177,15 @@ def _explain(procs: list, results: dict, status_dir: str) -> str:
     text = read_status(status_dir, r)
     doing = f" during {text[6:]}" if text.startswith("busy: ") else ""
     return f"rank {r} died ({_how(procs[r].exitcode)}){doing}"
+
+
+def stop(procs, grace_s: float = 3.0) -> None:
+    """Terminate processes (SIGTERM, then SIGKILL after `grace_s`) and reap them."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=grace_s)

@@ -134,9 +134,10 @@ class LogprobRunner:
         if start is not None:
             start.load_into(self._stage)
             return
-        from spark_megatron.models.weights import HFCheckpointReader, load_hf_weights
+        from spark_megatron.models.weights import load_hf_weights
 
-        load_hf_weights(self._stage, HFCheckpointReader(self.hf_dir), self.family.mappings(self.shape),
+        # family.open_hf reads either Qwen2.5-VL naming scheme (hub, or transformers-4.52 fine-tunes)
+        load_hf_weights(self._stage, self.family.open_hf(self.hf_dir, self.shape), self.family.mappings(self.shape),
                         tied=self.shape.tie_word_embeddings)
 
     @property

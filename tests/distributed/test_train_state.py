@@ -104,7 +104,7 @@ def test_resume_is_exact(tiny, tmp_path):
     # the conversion tool exports the trainer checkpoint to a plain HF model with the saved weights
     from spark_megatron.checkpoint.hf_export import export_megatron_to_hf
 
-    export_megatron_to_hf(str(ckpt), str(tmp_path / "hf"), tp=1, pp=1, progress=False, timeout_s=300)
+    export_megatron_to_hf(str(ckpt), str(tmp_path / "hf"), workers=1, progress=False, timeout_s=300)
     with torch.no_grad():
         hf_lp, _ = oracle.hf_logprobs_entropy(oracle.hf_model(tmp_path / "hf"), oracle.make_seqs(400, n=4, seed=9))
     for a, b in zip(saved[0]["saved_lp"], hf_lp):

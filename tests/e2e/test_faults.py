@@ -149,10 +149,12 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_run_continues(trained, d
     rows, first = _rows(run), _rows(trained[0])
     assert [r["step"] for r in rows] == [1, 2, 3]  # the killed run's step 2 was replaced, not duplicated
     assert rows[0] == first[0]  # what was written before the resume point is untouched
-    # policy_version counts pushes: an uninterrupted run's at every step (not one higher after a resume): one
-    # push after the policy update, one more after a reward-period update
-    step3 = first[1]["policy_version"] + (2 if "reward/loss" in rows[2] else 1)
-    assert [r["policy_version"] for r in rows] == [first[0]["policy_version"], first[1]["policy_version"], step3]
+    # policy_version counts pushes (one after every update): an uninterrupted run's at every step (not one higher
+    # after a resume); step 3's rollouts were sampled by the version step 2 ended with
+    assert [r["policy_version"] for r in rows[:2]] == [first[0]["policy_version"], first[1]["policy_version"]]
+    third = rows[2]
+    assert third["policy/rollout_policy_version"] == first[1]["policy_version"]
+    assert third["policy_version"] == first[1]["policy_version"] + 1 + ("reward/pushed_version" in third)
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("policy_version")] == [1, 2, 3]

@@ -33,7 +33,7 @@ def _perception_follow_up(trainer, prompt) -> dict:
     from spark_megatron.types import Rollout, RolloutGroup
     from spark_megatron.verify.perception import perception_metrics
 
-    if trainer.roles.engine is None:
+    if trainer.roles.verifier is None:  # the driver grades (every rank holds an HF engine of its own)
         return {}
     gt = prompt.ground_truth
     texts = [f"<description>There are {gt} squares.</description> <think>{gt}</think> \\boxed{{{gt}}}",

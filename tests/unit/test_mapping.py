@@ -287,3 +287,40 @@ def test_registry_uses_the_padded_vocab_for_both_vocab_tables():
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         m, _ = reg.for_megatron(name)
         assert (m.vocab_size, m.padded_vocab_size) == (100, padded_vocab_size(100)) == (100, 128)
+
+
+# ------------------------------------------------------------------------------------- Qwen2.5-VL name schemes
+
+def _vl_shape(tied: bool):
+    import json
+    from pathlib import Path
+
+    from spark_megatron.models.random_checkpoint import reduced_config
+    from spark_megatron.models.qwen2_5_vl import VLModelShape
+
+    cfg = reduced_config(Path(__file__).resolve().parents[2] / "configs/models/qwen2_5_vl_3b_instruct.json", 2, 2)
+    cfg["tie_word_embeddings"] = tied
+    return cfg, VLModelShape.from_hf_dict(json.loads(json.dumps(cfg)))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vl_transformers_naming_is_the_transformers_module_names_and_hub_the_registry(tied):
+    """Oracle: Qwen2_5_VLForConditionalGeneration's own state-dict keys (what transformers 4.52-4.5x saved); the
+    hub names are the registry's (what transformers 5 saves, via its conversion_mapping's reverse renames)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from spark_megatron.models.qwen2_5_vl_mapping import NAMING, qwen2_5_vl_mappings
+
+    cfg, shape = _vl_shape(tied)
+    with torch.device("meta"):
+        module_keys = set(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).state_dict())
+    if tied:
+        module_keys.discard("lm_head.weight")
+    hub = qwen2_5_vl_mappings(shape).hf_names()
+    assert {NAMING.to_scheme(n, "transformers") for n in hub} == module_keys
+    assert all(NAMING.to_canonical(NAMING.to_scheme(n, s), s) == n for n in hub for s in NAMING.schemes)
+    assert NAMING.detect(sorted(module_keys), set(hub), "x") == "transformers"
+    assert NAMING.detect(hub, set(hub), "x") == "hub"
+    mixed = [NAMING.to_scheme(n, "transformers") if n.startswith("visual.") else n for n in hub]
+    with pytest.raises(MappingError, match="mixes hub tensor names .* with transformers names"):
+        NAMING.detect(mixed, set(hub), "ckpt")

@@ -16,7 +16,8 @@ from spark_megatron.launch.validation import RecipeError, resolve_architecture
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = ["qwen2_5_7b_instruct", "qwen2_5_vl_7b_instruct", "qwen2_5_vl_32b_instruct"]
+MODELS = ["qwen2_5_1_5b_instruct", "qwen2_5_7b_instruct", "qwen2_5_vl_3b_instruct", "qwen2_5_vl_7b_instruct",
+          "qwen2_5_vl_32b_instruct"]
 RECIPES = ["qwen2_5_7b_text", "qwen2_5_vl_7b", "qwen2_5_vl_32b", "qwen2_5_vl_32b_fp8_delayed",
            "qwen2_5_vl_32b_fp8_tensorwise", "qwen2_5_vl_32b_fp8_blockwise"]
 
@@ -36,17 +37,18 @@ def test_total_params_equal_hf_model(name):
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg))
     arch = ModelArchitecture.from_path(path)
     assert total_params(arch) == sum(p.numel() for p in model.parameters())
-    if arch.vision is not None:  # Megatron's tower = HF's plus the zero padding of the MLP width (3420 -> 3456)
+    if arch.vision is not None:  # Megatron's tower = HF's plus the zero padding of the MLP width (7B: 3420 -> 3456)
         vision = [e for e in rank_params(arch, 1, 1, 0) if e.name.startswith("vision_model.")]
         assert sum(e.numel - e.padding for e in vision) == sum(p.numel() for p in model.model.visual.parameters())
         v = arch.vision
-        assert sum(e.padding for e in vision) == v.depth * (3 * v.hidden_size + 2) * (3456 - 3420)
+        width = {3420: 3456, 3456: 3456}[v.intermediate_size]  # the published widths (3B/7B, 32B/72B)
+        assert sum(e.padding for e in vision) == v.depth * (3 * v.hidden_size + 2) * (width - v.intermediate_size)
 
 
 @pytest.mark.parametrize("tp,pp", [(8, 2), (4, 4)])
 def test_pipeline_stages_partition_the_model(tp, pp):
     """Untied 32B at the recipe's TP8 x PP2 (and TP4 x PP4): the stages' unsharded tensors add up to the padded
-    model, once each; the vision MLP width 3420 is padded to 3456 at both TPs (432 / 864 units per shard)."""
+    model, once each; the 32B's vision MLP width 3456 splits without padding at both TPs (432 / 864 per shard)."""
     arch = ModelArchitecture.from_path(ROOT / "configs" / "models" / "qwen2_5_vl_32b_instruct.json")
     names, full = [], 0
     for p in range(pp):

@@ -76,33 +76,35 @@ def test_vision_qkv_mapping_roundtrip_and_shards():
     assert torch.equal(full[:16], w[:16]) and torch.equal(full[16:32], w[64:80]) and torch.equal(full[32:48], w[128:144])
 
 
-def _vl32b_config(**vision_changes) -> dict:
+def _vl_config(size: str = "7b", **vision_changes) -> dict:
     import json
     from pathlib import Path
 
-    cfg = json.loads((Path(__file__).resolve().parents[2] / "configs/models/qwen2_5_vl_32b_instruct.json")
+    cfg = json.loads((Path(__file__).resolve().parents[2] / f"configs/models/qwen2_5_vl_{size}_instruct.json")
                      .read_text())
     cfg["vision_config"].update(vision_changes)
     return cfg
 
 
-def test_layout_check_accepts_tp8_for_the_3420_vision_mlp_but_still_needs_vision_heads_to_divide():
+def test_layout_check_accepts_the_3420_vision_mlp_at_tp4_but_still_needs_vision_heads_to_divide():
     from spark_megatron.models.qwen2 import ModelSpecError
     from spark_megatron.models.qwen2_5_vl import VLModelShape, check_vl_layout
 
-    shape = VLModelShape.from_hf_dict(_vl32b_config())
+    shape = VLModelShape.from_hf_dict(_vl_config("7b"))
     assert shape.vision.intermediate_size == 3420
-    check_vl_layout(shape, 8, 2)  # 3420 % 8 != 0: padded, no longer rejected
+    check_vl_layout(shape, 4, 2)  # 3420 / 4 = 855, not a multiple of 16: padded, not rejected
     assert [shape.vision.ffn_size(tp) for tp in (1, 2, 4, 8)] == [3456] * 4
     with pytest.raises(ModelSpecError, match="TP 8 does not divide vision num_heads 12"):
-        check_vl_layout(VLModelShape.from_hf_dict(_vl32b_config(num_heads=12)), 8, 2)
+        check_vl_layout(VLModelShape.from_hf_dict(_vl_config("32b", num_heads=12)), 8, 2)
+    big = VLModelShape.from_hf_dict(_vl_config("32b"))  # the 32B's tower is 3456 wide: TP 8 needs no padding
+    assert big.vision.intermediate_size == 3456 and [big.vision.ffn_size(tp) for tp in (1, 2, 4, 8)] == [3456] * 4
 
 
 def test_vision_mlp_mappings_pad_to_the_model_width_and_export_hf_shapes():
     from spark_megatron.models.qwen2_5_vl import VLModelShape
     from spark_megatron.models.qwen2_5_vl_mapping import qwen2_5_vl_mappings
 
-    shape = VLModelShape.from_hf_dict(_vl32b_config(depth=1))
+    shape = VLModelShape.from_hf_dict(_vl_config("7b", depth=1))
     reg = qwen2_5_vl_mappings(shape)
     fc1, _ = reg.for_megatron("vision_model.decoder.layers.0.mlp.linear_fc1.weight")
     fc2, _ = reg.for_megatron("vision_model.decoder.layers.0.mlp.linear_fc2.weight")
