@@ -108,11 +108,11 @@ def plan_files(skeleton, registry, tied: bool, naming, scheme: str, itemsize: in
     """The HF files of the model: parameter groups in model order, a new file when the next group would make the
     current one exceed `max_bytes` (a fused group is never split across files)."""
     from spark_megatron.models.layout import hf_shapes
-    from spark_megatron.models.weights import _mapping_for, global_param_names
+    from spark_megatron.models.weights import mapping_for, global_param_names
 
     files, size = [HFFile("")], 0
     for name, param in global_param_names(skeleton):
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         hub_names = mapping.resolve(layer)[1]
         names = [naming.to_scheme(h, scheme) if naming is not None else h for h in hub_names]
         group = ParamGroup(name, mapping, names, list(hf_shapes(mapping, tuple(param.shape), 1)))

@@ -124,19 +124,6 @@ def build_skeleton(family, shape, dtype: str):
         return family.build_stage(shape, dtype, init_weights=False)
 
 
-def stage_hf_tensor_count(stage, registry, tied: bool, exporting: bool = False) -> int:
-    """HF tensors this stage reads on load (or writes on export: a tied output layer is not exported)."""
-    from spark_megatron.models.weights import _mapping_for, global_param_names
-
-    n = 0
-    for name, _ in global_param_names(stage):
-        if exporting and tied and name.endswith("output_layer.weight"):
-            continue
-        mapping, layer = _mapping_for(registry, name, tied)
-        n += len(mapping.resolve(layer)[1])
-    return n
-
-
 class Scratch:
     """One reusable buffer for parameter-shaped temporaries (its pages are faulted in once, not per tensor)."""
 
@@ -191,15 +178,15 @@ def stream_stage(stage, views: dict, reader, registry, tied: bool, writer, bar) 
     """For each parameter this rank stores, append its chunks to `writer`: straight from the HF files where a chunk
     is made of whole HF rows (one copy), else through the scratch buffer filled with the TP shard; then drop the
     HF pages read. Returns (bytes of HF tensor data read, scratch bytes)."""
-    from spark_megatron.models.weights import _mapping_for, _tp, fill_shard, global_param_names
+    from spark_megatron.models.weights import mapping_for, tp_rank_and_size, fill_shard, global_param_names
 
-    tp_rank, tp_size = _tp()
+    tp_rank, tp_size = tp_rank_and_size()
     scratch, nbytes = Scratch(), 0
     for (local, param), (name, _) in zip(stage.named_parameters(), global_param_names(stage)):
         mine = views.get(local)
         if not mine:
             continue  # a replica another rank stores (TP-replicated norms, a tied output layer)
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         hf_names = list(mapping.resolve(layer)[1])
         direct = direct_pieces(mapping, hf_names, reader, tp_rank, tp_size, param, mine, writer.MIN_PIECES_BYTES)
         buf = None
@@ -292,9 +279,9 @@ def _stored(stage, views: dict):
 
 
 def _mapping_hf(registry, name: str, tied: bool) -> tuple:
-    from spark_megatron.models.weights import _mapping_for
+    from spark_megatron.models.weights import mapping_for
 
-    mapping, layer = _mapping_for(registry, name, tied)
+    mapping, layer = mapping_for(registry, name, tied)
     return mapping.resolve(layer)[1]
 
 

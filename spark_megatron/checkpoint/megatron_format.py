@@ -174,26 +174,6 @@ def prepare_temp_dir(out_dir, force: bool):
     return Path(result[1])
 
 
-def use_in_process_write_queue() -> None:
-    """For processes that only save synchronously (conversions): skip megatron's lazily spawned Manager, and
-    skip the zip CRC32 that torch.save computes over every tensor record.
-
-    megatron's torch_dist writer passes per-file results through a `spawn`-context Manager queue so that an
-    async writer process can report back; starting that Manager costs 2-10 s per process (a fresh interpreter,
-    slower with several ranks per core). A synchronous save produces and consumes the results in this process,
-    where a thread queue is equivalent. Do not call this in processes that use async checkpoint saving.
-    The CRC32 is never verified by torch.load (the only reader of .distcp records) and costs ~1 s per GB.
-    """
-    import queue
-
-    import torch
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    torch.serialization.set_crc32_options(False)
-    if getattr(filesystem_async, "_results_queue", "missing") is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def write_checkpoint(out_dir, meta: CheckpointMeta, write, aux_from=None, force: bool = False,
                      before_commit=None, after_commit=None) -> Path:
     """All ranks: `write(temp_dir)` fills the temp dir collectively (tensor files and dist-checkpoint metadata);

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from spark_megatron.checkpoint.atomic import fsync_dir
 from spark_megatron.checkpoint.megatron_format import META_FILE, CheckpointMeta, model_sharded_state_dict, read_meta
 from spark_megatron.models.weights import CheckpointError
 
@@ -182,17 +183,7 @@ def write_latest(run_dir, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync_dir(run_dir)
-
-
-def _fsync_dir(path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- discovery

@@ -13,7 +13,6 @@ from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 import torch
 
 from spark_megatron.types import Prompt
-from spark_megatron.vision.tokens import vision_token_ids  # noqa: F401  TEMP: checkpoint/comparison.py (issue 14)
 
 
 class EngineStateError(RuntimeError):

@@ -168,14 +168,14 @@ def stage_specs(model, registry, tied: bool = False, dtype: Optional[torch.dtype
     """
     from megatron.core import parallel_state as ps
 
-    from spark_megatron.models.weights import _mapping_for, global_param_names
+    from spark_megatron.models.weights import mapping_for, global_param_names
 
     tp = ps.get_tensor_model_parallel_world_size()
     out = []
     for name, param in global_param_names(model):
         if tied and name.endswith("output_layer.weight"):
             continue
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         shape = list(param.shape)
         if mapping.tp_dim is not None and tp > 1:
             shape[mapping.tp_dim] *= tp

@@ -77,13 +77,13 @@ class HFJob:
 
 def stage_jobs(model, registry, tied: bool, dtype: Optional[torch.dtype], tp: int) -> list:
     """The HF tensors `export_hf_weights` streams for this stage, in its order, each with its layout."""
-    from spark_megatron.models.weights import _mapping_for, global_param_names
+    from spark_megatron.models.weights import mapping_for, global_param_names
 
     jobs = []
     for index, (name, param) in enumerate(global_param_names(model)):
         if tied and name.endswith("output_layer.weight"):
             continue  # HF ties lm_head to the embedding; the first stage exports it
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         shard_shape = tuple(int(d) for d in param.shape)
         shapes = hf_shapes(mapping, shard_shape, tp)
         layout = derive_layout(mapping, shard_shape, tp)

@@ -31,7 +31,7 @@ from spark_megatron.parallel.cpu_compat import compute_device
 from spark_megatron.train import batching, vl_inputs
 from spark_megatron.train.batching import SequenceSample
 from spark_megatron.train.logprobs import vocab_parallel_logprobs
-from spark_megatron.train.schedule import run_schedule
+from spark_megatron.parallel.schedule import run_schedule
 from spark_megatron.train.vl_inputs import image_scoped
 
 class StartCheckpoint(Protocol):
