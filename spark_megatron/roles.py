@@ -122,7 +122,7 @@ class Roles:
         if self._sink is None:
             self._sink = EngineSink(fleet.engine)
         push = functools.partial(
-            push_actor_weights, actor.model_chunks, actor.family.mappings(actor.shape), version,
+            push_actor_weights, actor.model_chunks, actor.mappings(), version,
             self.cfg.rollout.sync_bucket_mb << 20, sink=self._sink, tied=actor.shape.tie_word_embeddings,
             dtype=getattr(fleet.engine, "dtype", None), delivery="colocated", engine_tp=fleet.layout.rollout_tp,
             engine_reads=fleet.shard_reads(), tracker=tracker)

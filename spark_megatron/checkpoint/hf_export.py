@@ -204,11 +204,11 @@ def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
-        skeleton = build_skeleton(family, shape, meta.dtype)
+        skeleton = build_skeleton(family, shape, meta.dtype, meta.vocab_divisible_by)
         views, _ = stage_shard_views(skeleton, main_replicas_only=False)
         reader = DistcpReader(plan.ckpt_dir)
         dtype = getattr(torch, plan.dtype)
-        registry = family.mappings(shape)
+        registry = family.mappings(shape, meta.vocab_divisible_by)
         files = plan_files(skeleton, registry, shape.tie_word_embeddings, family.hf_naming, plan.hf_naming,
                            dtype.itemsize, plan.max_shard_bytes)
         _check_complete(files, registry, family.hf_naming, plan.hf_naming)

@@ -48,6 +48,9 @@ class CheckpointMeta:
     """Pipeline-parallel size at save time (informational: loading reshards)."""
     step: Optional[int] = None
     """Training step of a trainer checkpoint; None for a conversion."""
+    vocab_divisible_by: int = 128
+    """The divisor the vocab was padded to a multiple of (`parallel.make_vocab_size_divisible_by`; conversion:
+    `--make-vocab-size-divisible-by`). A trainer or tool that loads the checkpoint builds its stage with it."""
     hf_naming: Optional[str] = None
     """Tensor-name scheme of the HF checkpoint this was converted from (e.g. 'hub' or 'transformers' for
     Qwen2.5-VL); HF export writes it back unless told otherwise. None: the family's default."""

@@ -124,8 +124,8 @@ def _train_meta(actor, extra_state: dict, rng: bool) -> CheckpointMeta:
     step = extra_state.get("step")
     return CheckpointMeta(
         family=actor.family.name, hf_config=actor.hf_config,
-        padded_vocab_size=padded_vocab_size(actor.shape.vocab_size,
-                                            actor.parallel_cfg.make_vocab_size_divisible_by, layout["tp"]),
+        padded_vocab_size=padded_vocab_size(actor.shape.vocab_size, actor.vocab_divisible_by, layout["tp"]),
+        vocab_divisible_by=actor.vocab_divisible_by,
         dtype=actor.model_cfg.params_dtype, tp=layout["tp"], pp=layout["pp"],
         step=int(step) if isinstance(step, int) else None, extra={"train_state": train_state})
 

@@ -19,11 +19,12 @@ class ModelFamily:
     shape_from_hf_dict: Callable
     """(config dict, source str) -> shape object (has num_layers, vocab_size, tie_word_embeddings, ...)."""
     check_layout: Callable
-    """(shape, tp, pp) -> None; raises ModelSpecError naming what TP/PP does not divide."""
+    """(shape, tp, pp, divisible_by=128) -> None; raises ModelSpecError naming what TP/PP does not divide."""
     build_stage: Callable
-    """(shape, params_dtype: str, **kw) -> this rank's pipeline stage (inside initialised parallel state)."""
+    """(shape, params_dtype: str, **kw) -> this rank's pipeline stage (inside initialised parallel state);
+    `divisible_by=` pads the vocab to a multiple of it (parallel.make_vocab_size_divisible_by, default 128)."""
     mappings: Callable
-    """(shape) -> MappingRegistry of every parameter."""
+    """(shape, divisible_by=128) -> MappingRegistry of every parameter (the vocab padded as the stage pads it)."""
     hf_model_class: str
     """transformers class name of the oracle model (e.g. 'Qwen2ForCausalLM')."""
     hf_naming: Optional[HFNaming] = None

@@ -92,7 +92,7 @@ class LogprobRunner:
             self.family, self.shape = load_family(self.hf_dir)
             self.hf_config = read_hf_config(self.hf_dir)
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        self.family.check_layout(self.shape, tp, pp)
+        self.family.check_layout(self.shape, tp, pp, self.vocab_divisible_by)
         self._stage = self.family.build_stage(self.shape, model_cfg.params_dtype, **self._build_kwargs())
         self._load_weights(start)
         self.vocab_size = self.shape.vocab_size
@@ -126,9 +126,18 @@ class LogprobRunner:
             kw["fp8"] = self.model_cfg.fp8
         if self.model_cfg.recompute_activations:
             kw["recompute"] = True
-        if self.parallel_cfg.make_vocab_size_divisible_by != 128:
-            kw["divisible_by"] = self.parallel_cfg.make_vocab_size_divisible_by
+        if self.vocab_divisible_by != 128:
+            kw["divisible_by"] = self.vocab_divisible_by
         return kw
+
+    @property
+    def vocab_divisible_by(self) -> int:
+        """The vocab is padded to a multiple of this (parallel.make_vocab_size_divisible_by)."""
+        return self.parallel_cfg.make_vocab_size_divisible_by
+
+    def mappings(self):
+        """The HF <-> Megatron mappings of this stage (the vocab padded as the stage pads it)."""
+        return self.family.mappings(self.shape, self.vocab_divisible_by)
 
     def _load_weights(self, start: Optional[StartCheckpoint]) -> None:
         if start is not None:
@@ -137,7 +146,7 @@ class LogprobRunner:
         from spark_megatron.models.weights import load_hf_weights
 
         # family.open_hf reads either Qwen2.5-VL naming scheme (hub, or transformers-4.52 fine-tunes)
-        load_hf_weights(self._stage, self.family.open_hf(self.hf_dir, self.shape), self.family.mappings(self.shape),
+        load_hf_weights(self._stage, self.family.open_hf(self.hf_dir, self.shape), self.mappings(),
                         tied=self.shape.tie_word_embeddings)
 
     @property
@@ -448,7 +457,7 @@ class Actor(LogprobRunner):
         iterate it together (all-gathers inside). Fused groups (q/k/v, gate/up) come out consecutively."""
         from spark_megatron.models.weights import export_hf_weights
 
-        return export_hf_weights(self._stage, self.family.mappings(self.shape),
+        return export_hf_weights(self._stage, self.mappings(),
                                  tied=self.shape.tie_word_embeddings, dtype=dtype)
 
 

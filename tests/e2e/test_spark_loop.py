@@ -126,7 +126,7 @@ def _push_memory(trainer) -> tuple:
     actor, tracker = trainer.roles.actor, LiveBytes()
     bucket = trainer.cfg.rollout.sync_bucket_mb << 20
     stats = trainer.roles.push_actor(trainer.roles.policy_version, tracker=tracker)
-    largest = max(s.nbytes for s in actor_plan(actor.model_chunks, actor.family.mappings(actor.shape), bucket,
+    largest = max(s.nbytes for s in actor_plan(actor.model_chunks, actor.mappings(), bucket,
                                                 actor.shape.tie_word_embeddings).specs)
     return tracker.peak, stats.bucket_capacity + largest
 

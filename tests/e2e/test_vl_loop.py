@@ -59,7 +59,7 @@ def _weights_match_engine(trainer) -> bool:
     from spark_megatron.models.weights import export_hf_weights
 
     actor = trainer.roles.actor
-    registry = actor.family.mappings(actor.shape)
+    registry = actor.mappings()
     engine = trainer.roles.engine
     live = engine.named_checkpoint_tensors() if engine is not None else None
     ok, seen = True, set()
