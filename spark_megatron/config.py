@@ -53,7 +53,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (Megatron DistributedOptimizer)."""
     make_vocab_size_divisible_by: int = 128
-    """Vocab padding unit (multiplied by TP), as in Megatron-LM."""
+    """Vocab padding unit (multiplied by TP when TP does not divide it), as in Megatron-LM. A Megatron checkpoint
+    (model.megatron_path) must have been converted with the same (`--make-vocab-size-divisible-by`)."""
     data_parallel_size: int = 1
     """Data-parallel replicas of the actor: the job has TP x PP x DP ranks. `spark-megatron train` without torchrun
     spawns that many gloo ranks; under torchrun the world must equal TP x PP x DP (checked at start)."""
