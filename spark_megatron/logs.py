@@ -101,9 +101,10 @@ def configure(rank: int = 0, log_file: Optional[Path] = None, console: Optional[
     redirected into `log_file` as well."""
     undo()
     console = rank == 0 if console is None else console
-    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM imported after this propagates to our handlers
     root = logging.getLogger()
-    saved = {"root_level": root.level, "handlers": [], "loggers": {}, "fds": None}
+    saved = {"root_level": root.level, "handlers": [], "loggers": {}, "fds": None,
+             "vllm_env": os.environ.get("VLLM_CONFIGURE_LOGGING")}
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM imported after this propagates to our handlers
     root.setLevel(logging.INFO)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,10 @@ def undo() -> None:
                 lg.addHandler(h)
             lg.propagate = propagate
         logging.captureWarnings(False)
+        if saved["vllm_env"] is None:
+            os.environ.pop("VLLM_CONFIGURE_LOGGING", None)
+        else:
+            os.environ["VLLM_CONFIGURE_LOGGING"] = saved["vllm_env"]
         if saved["fds"] is not None:
             _restore_output(saved["fds"])
 
