@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from spark_megatron.eval.generation import EngineGenerator, build_eval_engine
-from spark_megatron.eval.model import hf_directory, resolve_model
+from spark_megatron.eval.model import EXPORT_PREFIX, hf_directory, resolve_model
 from spark_megatron.eval.output import OutputDir, path_fingerprint
 from spark_megatron.eval.reading import load_dataset
 from spark_megatron.eval.runner import Evaluation
@@ -59,13 +60,16 @@ def evaluate(model: str, suite, out, force: bool = False, progress: bool = True,
 
 @contextlib.contextmanager
 def _served_directory(source, export_tp: int, export_pp: int, job_dir, progress: bool):
-    """hf_directory; inside a job (`job_dir` set) the export goes under job_dir and runs as its own job."""
+    """hf_directory; inside a job (`job_dir` set: OUT, which this evaluation owns) the export goes under job_dir,
+    where every rank can read it, and runs as its own job."""
     if job_dir is None:
         with hf_directory(source, export_tp, export_pp, progress=progress) as hf_dir:
             yield hf_dir
         return
     from spark_megatron.eval.ranks import outside_the_job
 
+    for stale in Path(job_dir).glob(f"{EXPORT_PREFIX}*"):  # a killed job's export (a full copy of the model)
+        shutil.rmtree(stale, ignore_errors=True)
     cm = hf_directory(source, export_tp, export_pp, workdir=str(job_dir), progress=progress)
     with outside_the_job():
         hf_dir = cm.__enter__()

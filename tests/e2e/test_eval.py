@@ -214,10 +214,14 @@ def test_vl_on_the_hf_engine_survives_a_kill(tmp_path):
     before = items.read_text()
     before = before[:before.rfind("\n") + 1]
     assert 3 <= before.count("\n") < 15
-    res = subprocess.run(_eval_cmd(model, suite_path, out), cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    # resumed on other resources (execution settings are not part of the fingerprint): two HF engines on two
+    # spawned ranks, four items per batch split across them
+    res = subprocess.run(_eval_cmd(model, suite_path, out) + ["engine.data_parallel_size=2", "engine.batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "[resume]" in res.stdout
+    first, second, batches = map(int, ENGINES.search(res.stdout).groups())
+    assert second > 0 and first + second == 15 - before.count("\n")  # one generation per item left
     text = items.read_text()
     assert text.startswith(before)
     rows = _rows(out)
