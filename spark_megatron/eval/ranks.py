@@ -145,14 +145,18 @@ def follow(control: Control) -> Optional[dict]:
     return report
 
 
-JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+           "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun (and the rank spawner) tell a rank about its job; torchrun's TORCHELASTIC_* variables too."""
 
 
 @contextlib.contextmanager
 def outside_the_job():
     """Run the on-the-fly Megatron -> HF export as its own job: the converter would otherwise see this rank's
-    RANK / WORLD_SIZE, take them for a torchrun job of its own and wait for the other ranks."""
-    saved = {k: os.environ.pop(k) for k in JOB_ENV if k in os.environ}
+    RANK / WORLD_SIZE, take them for a torchrun job of its own and wait for the other ranks; and its rank 0
+    would look for torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE) instead of hosting its own."""
+    names = [k for k in os.environ if k in JOB_ENV or k.startswith("TORCHELASTIC_")]
+    saved = {k: os.environ.pop(k) for k in names}
     try:
         yield
     finally:

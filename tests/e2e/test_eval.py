@@ -4,9 +4,10 @@ Text: an HF checkpoint served by one vLLM engine, with self-reflection: every re
 transformers' greedy decoding (the independent oracle), the self-reflection loop replayed on that oracle gives the
 same rounds and final answers, and summary.json equals the summary recomputed from items.jsonl. Then the same
 weights as a Megatron checkpoint (converted at TP2, exported on the fly at TP1 by rank 0) on two data-parallel
-vLLM engines (world 2): item for item the same rows, every engine served its share.
-VL: a tiny Qwen2.5-VL on the HF engine, SIGKILLed mid-run and resumed: every item is scored exactly once, the
-rows written before the kill are kept byte for byte, and the result equals a direct evaluation of the items.
+vLLM engines under torchrun (world 2): item for item the same rows, every engine served its share.
+VL: a tiny Qwen2.5-VL on the HF engine, SIGKILLed mid-run and resumed on two HF engines (two spawned ranks, other
+resources, same evaluation): every item is scored exactly once, the rows written before the kill are kept byte for
+byte, and the result equals a direct evaluation of the items.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ ENGINES = re.compile(r"^engines: rollout engine 0 \(rank 0\) (\d+) prompts, roll
 
 
 @pytest.mark.vllm
-def test_text_on_vllm_matches_the_hf_oracle_and_two_engines_match_one(tmp_path, capsys):
+def test_text_on_vllm_matches_the_hf_oracle_and_two_engines_match_one(tmp_path):
     from spark_megatron.checkpoint.hf_import import convert_hf_to_megatron
     from spark_megatron.eval import scoring
     from spark_megatron.eval.reading import load_dataset
@@ -143,18 +144,23 @@ datasets:
             served += len(reqs)
     assert len(rows[("prefs", "bo4")]["judgments"]) == 3  # best-of-4: the chosen one against each rejected
 
-    # two vLLM engines (world 2, TP 1, spawned gloo ranks) on the Megatron checkpoint, exported on the fly by
-    # rank 0: item for item the same rows, and each engine served its share of every batch
+    # two vLLM engines (world 2, TP 1) under torchrun, as launch-eval runs them, on the Megatron checkpoint,
+    # exported on the fly by rank 0: item for item the same rows, and each engine served its share of every batch
+    from spark_megatron.parallel.spawn import free_port
+
     meg = tmp_path / "meg"
     convert_hf_to_megatron(hf, meg, tp=2, progress=False)
     out2 = tmp_path / "out2"
-    capsys.readouterr()
-    assert cli.main(["eval", "--model", str(meg), "--suite", str(suite_path), "--output", str(out2),
-                     "--self-reflection", "--no-progress", "engine.data_parallel_size=2"]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port())]
+    res = subprocess.run(torchrun + _eval_cmd(meg, str(suite_path), out2)[1:] +
+                         ["--self-reflection", "engine.data_parallel_size=2"], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert _rows(out2) == _rows(out)
     written2 = _check_summary(out2, str(suite_path), ("self_reflection.enabled=true",))
     assert written2["datasets"] == written["datasets"] and written2["averages"] == written["averages"]
-    first, second, batches = map(int, ENGINES.search(capsys.readouterr().out).groups())
+    first, second, batches = map(int, ENGINES.search(res.stdout).groups())
     assert first + second == served and second > 0 and 0 <= first - second <= batches  # engine 0 takes odd ones
     assert not list(out2.glob("spark_eval_hf_*"))  # the export rank 0 served from is gone
 
