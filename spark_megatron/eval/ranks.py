@@ -22,7 +22,8 @@ import os
 from datetime import timedelta
 from typing import Optional, Sequence
 
-from spark_megatron.eval.generation import build_eval_fleet, merge, renderable, sampling_spec
+from spark_megatron.eval.generation import (build_eval_fleet, engine_choice, eval_layout, merge, renderable,
+                                           sampling_spec)
 
 WAIT = timedelta(hours=24)
 """How long a follower waits for rank 0's next command: rank 0 may export a large checkpoint or verify a long
@@ -92,6 +93,8 @@ class FleetGenerator:
         """After close(): per engine, its leader's engine_report (None if no engine was built)."""
 
     def generator(self, hf_dir: str, engine_cfg, decoding) -> "FleetGenerator":
+        name, _ = engine_choice(engine_cfg, hf_dir)  # a model the engines cannot serve: refused before any build
+        eval_layout(engine_cfg, self.control.world, name)
         self.control.send(("build", hf_dir, engine_cfg, decoding))
         self.fleet = self._guard(build_eval_fleet, engine_cfg, decoding, hf_dir, self.control.rank,
                                  self.control.world)

@@ -80,6 +80,8 @@ def _job(world: int, monkeypatch):
         return fleets[rank]
 
     monkeypatch.setattr(ranks, "build_eval_fleet", build)
+    monkeypatch.setattr(ranks, "engine_choice", lambda engine_cfg, hf_dir: ("vllm", "float32"))
+    monkeypatch.setattr(ranks, "eval_layout", lambda engine_cfg, world_, name: None)
     inboxes, reports = [queue.Queue() for _ in range(world)], queue.Queue()
     results = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(
