@@ -12,6 +12,9 @@ from typing import Iterator, Optional
 
 from spark_megatron.eval.output import path_fingerprint
 
+EXPORT_PREFIX = "spark_eval_hf_"
+"""Name prefix of the temporary HF export of a Megatron checkpoint."""
+
 
 class ModelError(ValueError):
     """--model is not something the evaluation can load."""
@@ -60,7 +63,7 @@ def hf_directory(source: ModelSource, workers: int = 1, workdir: Optional[str] =
     if not any(Path(source.path).glob("tokenizer*")):
         raise ModelError(f"{source.path}: the Megatron checkpoint has no tokenizer files (tokenizer*.json, "
                          f"chat_template*); copy them from the HF model it was trained from")
-    tmp = Path(tempfile.mkdtemp(prefix="spark_eval_hf_", dir=workdir))
+    tmp = Path(tempfile.mkdtemp(prefix=EXPORT_PREFIX, dir=workdir))
     try:
         out = tmp / "hf"
         export_megatron_to_hf(source.path, out, workers=workers, progress=progress)

@@ -29,8 +29,10 @@ REFERENCE_INSTRUCTION = ("Please first conduct reasoning, and then answer the qu
 sentence appended to every question (the models were trained with it)."""
 
 KINDS = ("answer", "judgment")
-EXECUTION_KEYS = ("batch_size", "tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes")
-"""Engine settings that do not change the results (kept out of the suite fingerprint)."""
+EXECUTION_KEYS = ("batch_size", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
+                  "kv_cache_memory_bytes", "timeout_s")
+"""Engine settings that do not change the results (kept out of the suite fingerprint): a preempted job may
+resume on other resources, e.g. with more engines."""
 JUDGE_MODES = ("pairwise", "pointwise")
 
 
@@ -53,7 +55,14 @@ class EngineConfig:
     dtype: str = "auto"
     """auto (float32 on CPU, the checkpoint's dtype on GPU) | float32 | bfloat16 | float16."""
     tensor_parallel_size: int = 1
-    """GPUs per vLLM engine."""
+    """GPUs (ranks) per vLLM engine: consecutive ranks of the job, as the training's rollout.tensor_parallel_size
+    (one layout function, spark_megatron/rollout/layout.py). The HF engine needs 1."""
+    data_parallel_size: int = 1
+    """Engines; each batch of prompts is split across them (balanced, in order). The job has data_parallel_size
+    x tensor_parallel_size ranks: spawned here on CPU, or the torchrun world (which must equal it)."""
+    timeout_s: float = 3600.0
+    """Deadline of one engine call in a job of several ranks (a hung engine ends the job with one line naming
+    it, like the training's rollout.engine_timeout_s)."""
     max_prompt_tokens: int = 8192
     """Longest prompt (judge prompts that show several responses are the longest); longer ones fail the item."""
     kv_cache_memory_bytes: Optional[int] = None
@@ -191,6 +200,12 @@ def validate(suite: Suite) -> Suite:
         raise ConfigError(f"engine.engine must be auto, vllm or hf, got '{suite.engine.engine}'")
     if suite.engine.batch_size < 1 or suite.decoding.max_tokens < 1:
         raise ConfigError("engine.batch_size and decoding.max_tokens must be >= 1")
+    if suite.engine.tensor_parallel_size < 1 or suite.engine.data_parallel_size < 1:
+        raise ConfigError("engine.tensor_parallel_size and engine.data_parallel_size must be >= 1")
+    if suite.engine.engine == "hf" and suite.engine.tensor_parallel_size != 1:
+        raise ConfigError("engine.engine=hf runs one full model per rank: engine.tensor_parallel_size must be 1")
+    if suite.engine.timeout_s <= 0:
+        raise ConfigError("engine.timeout_s must be > 0")
     if suite.self_reflection.max_rounds < 0:
         raise ConfigError("self_reflection.max_rounds must be >= 0")
     if suite.on_bad_record not in ("skip", "fail"):

@@ -3,8 +3,10 @@
     spark-megatron launch-eval --config configs/qwen2_5_vl_7b.yaml --executor slurm --dryrun \\
         --model /ckpt/run1 --suite configs/eval/spark_vl.yaml --output /lustre/eval/run1 --self-reflection
 
-The recipe supplies the cluster settings (launch.*: account, partition, container, mounts, env); the job is one
-process on one node with launch.gpus_per_node GPUs (engine.tensor_parallel_size of them per vLLM engine). The
+The recipe supplies the cluster settings (launch.*: account, partition, container, mounts, env); the job runs on
+one node, torchrun with one rank per GPU (launch.gpus_per_node ranks): engine.tensor_parallel_size consecutive
+ranks per vLLM engine and gpus_per_node / engine.tensor_parallel_size engines (engine.data_parallel_size, set in
+the shipped suite), which split every batch; rank 0 writes the results (spark_megatron/eval/ranks.py). The
 suite, resolved on this machine (overrides applied, dataset paths absolute), is embedded in the sbatch script the
 same way the training recipe is, so the job reads exactly what was validated here. Model, data and output paths
 must be visible on the cluster (launch.container_mounts; the output directory is mounted automatically).
@@ -43,10 +45,21 @@ def eval_job(cfg, suite, args):
     from spark_megatron.launch.validation import RecipeError
 
     lc = cfg.launch
-    tp = suite.engine.tensor_parallel_size
-    if tp > lc.gpus_per_node:
-        raise RecipeError(f"engine.tensor_parallel_size {tp} exceeds launch.gpus_per_node {lc.gpus_per_node} "
-                          f"(an evaluation job runs on one node)")
+    eng = suite.engine
+    gpus, tp = lc.gpus_per_node, eng.tensor_parallel_size
+    if tp > gpus or gpus % tp:
+        raise RecipeError(f"engine.tensor_parallel_size {tp} does not divide launch.gpus_per_node {gpus} (an "
+                          f"evaluation job runs one rank per GPU of one node)")
+    if eng.data_parallel_size not in (1, gpus // tp):
+        raise RecipeError(f"engine.data_parallel_size {eng.data_parallel_size} x engine.tensor_parallel_size {tp} "
+                          f"!= launch.gpus_per_node {gpus}: the job uses every GPU of its node (leave "
+                          f"engine.data_parallel_size at 1 to have it set to {gpus // tp})")
+    from spark_megatron.rollout.layout import rollout_layout
+
+    # the layout the job's ranks will build (eval/generation.py::eval_layout): one function for train and eval
+    layout = rollout_layout(gpus, 1, 1, tp, on_gpu=True, engine="hf" if eng.engine == "hf" else "vllm",
+                            gpus_per_node=gpus)
+    eng.data_parallel_size = layout.engines
     lc.nodes = 1
     lc.job_name = f"{lc.job_name}-eval"
     cfg.output_dir = args.output  # mounted into the container; artifacts under <output>/launch/
@@ -54,7 +67,7 @@ def eval_job(cfg, suite, args):
     extra += ["--force"] if args.force else []
     return JobSpec(task="eval", module=EVAL_MODULE, config_flag="--suite", config_name=SUITE_NAME,
                    config_yaml=yaml.safe_dump(suite.to_dict(), sort_keys=False), extra_args=tuple(extra),
-                   ntasks_per_node=1)
+                   ntasks_per_node=gpus)
 
 
 def main(argv=None) -> int:
@@ -79,6 +92,8 @@ def main(argv=None) -> int:
         return 1
     print(f"experiment     {out.experiment_id} ({out.experiment_dir})")
     print(f"suite          {out.artifacts_dir / SUITE_NAME}")
+    print(f"engines        {suite.engine.data_parallel_size} x TP {suite.engine.tensor_parallel_size}, one rank "
+          f"per GPU ({cfg.launch.gpus_per_node} ranks)")
     if out.sbatch_script:
         print(f"sbatch script  {out.sbatch_script}")
     print(f"torchrun       {out.command_file}")

@@ -40,9 +40,12 @@ def init_distributed(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state as ps
+    import sys
 
-    if ps.model_parallel_is_initialized():
+    # megatron's groups exist only where megatron was imported: a rank that never used it (an evaluation rank)
+    # does not pay its import (seconds) at exit
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -21,11 +21,12 @@ from spark_megatron.rollout.watch import EngineWatch
 class EngineFleet:
     """This rank's engine part plus the layout of all engines."""
 
-    def __init__(self, layout: RolloutLayout, engine, rank: int, timeout_s: float):
+    def __init__(self, layout: RolloutLayout, engine, rank: int, timeout_s: float,
+                 timeout_setting: str = "rollout.engine_timeout_s"):
         self.layout, self.engine, self.rank = layout, engine, rank
         self.index = layout.engine_of(rank)
         self.label = layout.label(self.index)
-        self.watch = EngineWatch(self.label, timeout_s, rank)
+        self.watch = EngineWatch(self.label, timeout_s, rank, timeout_setting)
         self.calls: list = []
         """(operation, detail) in call order: ("generate", prompts of this engine), ("sleep", level),
         ("wake", tags), ("push", version)."""

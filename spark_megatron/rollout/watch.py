@@ -29,8 +29,9 @@ class EngineFailure(RuntimeError):
 class EngineWatch:
     """Deadline and status record around the calls one rank makes into its engine."""
 
-    def __init__(self, label: str, timeout_s: float, rank: int):
-        self.label, self.timeout_s = label, float(timeout_s)
+    def __init__(self, label: str, timeout_s: float, rank: int, setting: str = "rollout.engine_timeout_s"):
+        """`setting`: the config key of the deadline, named in the hang message."""
+        self.label, self.timeout_s, self.setting = label, float(timeout_s), setting
         self._path = status_path(rank)
         self._lock = threading.Lock()
 
@@ -39,7 +40,7 @@ class EngineWatch:
 
     def _expired(self, op: str) -> None:
         with self._lock:
-            line = f"{self.label} hung: {op} did not finish within {self.timeout_s:g} s (rollout.engine_timeout_s)"
+            line = f"{self.label} hung: {op} did not finish within {self.timeout_s:g} s ({self.setting})"
             self._record(f"hung: {line}")
             print(f"error: {line}", file=sys.stderr, flush=True)
             os._exit(HUNG_EXIT)  # the main thread may be inside a collective that never returns

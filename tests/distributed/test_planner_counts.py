@@ -99,7 +99,8 @@ def tiny_dirs(tmp_path_factory):
 
 def _planned(hf_dir, tp, pp, dtype, builder, pp_rank, dp_rank):
     cfg = load_config(None, [f"model.params_dtype={dtype}", f"parallel.tensor_model_parallel_size={tp}",
-                             f"parallel.pipeline_model_parallel_size={pp}", "launch.gpus_per_node=4",
+                             f"parallel.pipeline_model_parallel_size={pp}",
+                             f"parallel.data_parallel_size={4 // (tp * pp)}", "launch.gpus_per_node=4",
                              "launch.gpu_arch=cpu", "launch.container_has_te=false"])
     arch = ModelArchitecture.from_path(hf_dir)
     opts = PlanOptions(layer_spec="local", overlap_grad_reduce=builder == "bucketed", bucket_size=BUCKET)

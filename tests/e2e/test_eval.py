@@ -1,16 +1,19 @@
 """`spark-megatron eval` on tiny checkpoints with the real engines.
 
-Text: a Megatron checkpoint (converted at TP2, exported on the fly at TP1) served by vLLM, with self-reflection;
-every response in items.jsonl equals HF transformers' greedy decoding of the original HF weights (the independent
-oracle), the self-reflection loop replayed on that oracle gives the same rounds and final answers, and
-summary.json equals the summary recomputed from items.jsonl.
-VL: a tiny Qwen2.5-VL on the HF engine, SIGKILLed mid-run and resumed: every item is scored exactly once, the
-rows written before the kill are kept byte for byte, and the result equals a direct evaluation of the items.
+Text: an HF checkpoint served by one vLLM engine, with self-reflection: every response in items.jsonl equals HF
+transformers' greedy decoding (the independent oracle), the self-reflection loop replayed on that oracle gives the
+same rounds and final answers, and summary.json equals the summary recomputed from items.jsonl. Then the same
+weights as a Megatron checkpoint (converted at TP2, exported on the fly at TP1 by rank 0) on two data-parallel
+vLLM engines under torchrun (world 2): item for item the same rows, every engine served its share.
+VL: a tiny Qwen2.5-VL on the HF engine, SIGKILLed mid-run and resumed on two HF engines (two spawned ranks, other
+resources, same evaluation): every item is scored exactly once, the rows written before the kill are kept byte for
+byte, and the result equals a direct evaluation of the items.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,8 +82,12 @@ class HFOracle:
         return out
 
 
+ENGINES = re.compile(r"^engines: rollout engine 0 \(rank 0\) (\d+) prompts, rollout engine 1 \(rank 1\) (\d+) "
+                     r"prompts \((\d+) batches\)$", re.M)
+
+
 @pytest.mark.vllm
-def test_text_megatron_checkpoint_on_vllm_matches_the_hf_oracle(tmp_path):
+def test_text_on_vllm_matches_the_hf_oracle_and_two_engines_match_one(tmp_path):
     from spark_megatron.checkpoint.hf_import import convert_hf_to_megatron
     from spark_megatron.eval import scoring
     from spark_megatron.eval.reading import load_dataset
@@ -89,11 +96,10 @@ def test_text_megatron_checkpoint_on_vllm_matches_the_hf_oracle(tmp_path):
     from spark_megatron.recycle.self_reflection import self_reflect
 
     hf = tiny_hf_checkpoint("untied")
-    meg = tmp_path / "meg"
-    convert_hf_to_megatron(hf, meg, tp=2, progress=False)
     msg = lambda q: json.dumps([{"role": "user", "content": f"{q} Put the final answer in \\boxed{{}}."}])  # noqa
     _jsonl(tmp_path / "arith.jsonl", [{"message": msg(f"What is {a} + {b}?"), "answer": str(a + b)}
                                       for a, b in [(1, 2), (3, 4), (0, 5), (2, 2)]])
+    _jsonl(tmp_path / "long.jsonl", [{"message": msg("Count: " + "one two " * 400), "answer": "800"}])
     _jsonl(tmp_path / "prefs.jsonl", [
         {"id": "bo4", "prompt": "What is 6 - 2?", "chosen": "6 - 2 = 4, so \\boxed{4}",
          "rejected": ["\\boxed{3}", "\\boxed{8}", "\\boxed{5}"], "subset": "Math"},
@@ -105,17 +111,21 @@ decoding: {{max_tokens: {MAX_TOKENS}}}
 engine: {{batch_size: 3, max_prompt_tokens: 512}}
 datasets:
   - {{name: arith, path: arith.jsonl, format: spark, kind: answer}}
+  - {{name: long, path: long.jsonl, format: spark, kind: answer}}
   - {{name: prefs, path: prefs.jsonl, format: preference, kind: judgment}}
   - {{name: judge, path: judge.jsonl, format: spark, kind: judgment}}
 """)
+    # one engine in this process, on the HF checkpoint
     out = tmp_path / "out"
-    assert cli.main(["eval", "--model", str(meg), "--suite", str(suite_path), "--output", str(out),
+    assert cli.main(["eval", "--model", str(hf), "--suite", str(suite_path), "--output", str(out),
                      "--self-reflection", "--no-progress"]) == 0
     rows = {(r["dataset"], r["id"]): r for r in _rows(out)}
-    assert len(rows) == 4 + 2 + 1
+    assert len(rows) == 4 + 1 + 2 + 1
     written = _check_summary(out, str(suite_path), ("self_reflection.enabled=true",))
-    assert set(written["datasets"]) == {"arith", "prefs", "judge"} and written["self_reflection"]
-    assert (out / "table.md").read_text().startswith("| Model | arith | Avg-M | prefs | judge | Avg-R | Avg-All |")
+    assert set(written["datasets"]) == {"arith", "long", "prefs", "judge"} and written["self_reflection"]
+    assert (out / "table.md").read_text().startswith(
+        "| Model | arith | long | Avg-M | prefs | judge | Avg-R | Avg-All |")
+    assert "max_prompt_tokens 512" in rows[("long", "0")]["error"]  # served as an error, counted wrong
 
     oracle = HFOracle(hf)
     suite = load_suite(str(suite_path), ["self_reflection.enabled=true"])
@@ -126,11 +136,33 @@ datasets:
         assert _same_text(row["first_response"], r.trace[0].text) and _same_text(row["response"], r.final_text)
         assert (row["first_extracted"], row["extracted"], row["rounds"], row["accepted"]) == \
             (r.trace[0].extracted, r.final_answer, r.retries, r.accepted)
+    served = sum(len(r.trace) for r in replay)  # generations the engines served (the long prompt never is)
     for name in ("prefs", "judge"):
         for it in load_dataset(suite.dataset(name), suite).items:
             reqs = scoring.judge_requests(it, "pairwise", 0, 0)
             assert _same_text(rows[(name, it.id)]["response"], oracle([r.prompt.messages for r in reqs]))
+            served += len(reqs)
     assert len(rows[("prefs", "bo4")]["judgments"]) == 3  # best-of-4: the chosen one against each rejected
+
+    # two vLLM engines (world 2, TP 1) under torchrun, as launch-eval runs them, on the Megatron checkpoint,
+    # exported on the fly by rank 0: item for item the same rows, and each engine served its share of every batch
+    from spark_megatron.parallel.spawn import free_port
+
+    meg = tmp_path / "meg"
+    convert_hf_to_megatron(hf, meg, tp=2, progress=False)
+    out2 = tmp_path / "out2"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port())]
+    res = subprocess.run(torchrun + _eval_cmd(meg, str(suite_path), out2)[1:] +
+                         ["--self-reflection", "engine.data_parallel_size=2"], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert _rows(out2) == _rows(out)
+    written2 = _check_summary(out2, str(suite_path), ("self_reflection.enabled=true",))
+    assert written2["datasets"] == written["datasets"] and written2["averages"] == written["averages"]
+    first, second, batches = map(int, ENGINES.search(res.stdout).groups())
+    assert first + second == served and second > 0 and 0 <= first - second <= batches  # engine 0 takes odd ones
+    assert not list(out2.glob("spark_eval_hf_*"))  # the export rank 0 served from is gone
 
 
 def _vl_data(tmp_path, n: int) -> str:
@@ -188,10 +220,14 @@ def test_vl_on_the_hf_engine_survives_a_kill(tmp_path):
     before = items.read_text()
     before = before[:before.rfind("\n") + 1]
     assert 3 <= before.count("\n") < 15
-    res = subprocess.run(_eval_cmd(model, suite_path, out), cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    # resumed on other resources (execution settings are not part of the fingerprint): two HF engines on two
+    # spawned ranks, four items per batch split across them
+    res = subprocess.run(_eval_cmd(model, suite_path, out) + ["engine.data_parallel_size=2", "engine.batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "[resume]" in res.stdout
+    first, second, batches = map(int, ENGINES.search(res.stdout).groups())
+    assert second > 0 and first + second == 15 - before.count("\n")  # one generation per item left
     text = items.read_text()
     assert text.startswith(before)
     rows = _rows(out)

@@ -1,5 +1,6 @@
-"""`spark-megatron launch-eval`: a NeMo-Run dry run renders the evaluation job the way training jobs are rendered,
-and the suite the job reads is the suite validated on the launching machine."""
+"""`spark-megatron launch-eval`: a NeMo-Run dry run renders the evaluation job the way training jobs are rendered
+(torchrun, one rank per GPU, the engines split over them), and the suite the job reads is the suite validated on
+the launching machine."""
 from __future__ import annotations
 
 import re
@@ -21,7 +22,7 @@ def _printed(out: str, label: str) -> Path:
     return Path(next(line for line in out.splitlines() if line.startswith(label + " "))[len(label):].strip())
 
 
-def test_slurm_dryrun_renders_one_process_with_the_shipped_suite(tmp_path, capsys):
+def test_slurm_dryrun_renders_one_rank_per_gpu_with_the_shipped_suite(tmp_path, capsys):
     out_dir = tmp_path / "eval"
     rc = cli.main(["launch-eval", "--config", R7, "--executor", "slurm", "--dryrun", "--model", "/lustre/ckpt/run1",
                    "--suite", SUITE, "--output", str(out_dir), "--self-reflection",
@@ -31,12 +32,12 @@ def test_slurm_dryrun_renders_one_process_with_the_shipped_suite(tmp_path, capsy
     assert rc == 0, printed
     sbatch = _printed(printed, "sbatch script").read_text()
     flags = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", sbatch, re.M))
-    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("1", "1", "8")
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("1", "1", "8")  # torchrun: 8
     assert flags["account"] == "acct"
     srun = next(line for line in sbatch.splitlines() if line.startswith("srun "))
     argv = shlex.split(srun.replace("$", "DOLLAR"))
     torchrun = argv[argv.index("torchrun"):]
-    assert torchrun[torchrun.index("--nproc-per-node") + 1] == "1"
+    assert torchrun[torchrun.index("--nproc-per-node") + 1] == "8"  # one rank per GPU: 2 engines x TP 4
     assert torchrun[torchrun.index("-m") + 1] == "spark_megatron.launch.eval_entry"
     assert torchrun[torchrun.index("--suite") + 1] == "/nemo_run/configs/eval_suite.yaml"
     assert torchrun[torchrun.index("--model") + 1] == "/lustre/ckpt/run1"
@@ -50,8 +51,9 @@ def test_slurm_dryrun_renders_one_process_with_the_shipped_suite(tmp_path, capsy
     replayed.write_text(m.group(3))
     shipped = load_suite(str(replayed))
     expected = load_suite(SUITE, ["engine.tensor_parallel_size=4", "datasets.MathVista.limit=100",
-                                  "self_reflection.enabled=true"])
+                                  "self_reflection.enabled=true", "engine.data_parallel_size=2"])
     assert shipped == expected and shipped.dataset("MathVista").limit == 100 and shipped.self_reflection.enabled
+    assert "engines        2 x TP 4, one rank per GPU (8 ranks)" in printed
 
 
 def test_local_dryrun_and_errors(tmp_path, capsys):
@@ -60,12 +62,18 @@ def test_local_dryrun_and_errors(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     argv = shlex.split(_printed(printed, "torchrun").read_text().splitlines()[-1])
-    assert argv[0] == "torchrun" and argv[argv.index("--nproc-per-node") + 1] == "1"
-    assert load_suite(argv[argv.index("--suite") + 1]) == load_suite(SUITE)
+    assert argv[0] == "torchrun" and argv[argv.index("--nproc-per-node") + 1] == "8"
+    assert load_suite(argv[argv.index("--suite") + 1]) == load_suite(SUITE, ["engine.data_parallel_size=8"])
+    for tp in (16, 3):
+        rc = cli.main(["launch-eval", "--config", R7, "--executor", "local", "--dryrun", "--model", "/m", "--suite",
+                       SUITE, "--output", str(tmp_path / "e2"), "--set", f"engine.tensor_parallel_size={tp}"])
+        err = capsys.readouterr().err
+        assert rc == 1 and f"engine.tensor_parallel_size {tp} does not divide launch.gpus_per_node 8" in err
     rc = cli.main(["launch-eval", "--config", R7, "--executor", "local", "--dryrun", "--model", "/m", "--suite",
-                   SUITE, "--output", str(tmp_path / "e2"), "--set", "engine.tensor_parallel_size=16"])
+                   SUITE, "--output", str(tmp_path / "e4"), "--set", "engine.tensor_parallel_size=2",
+                   "--set", "engine.data_parallel_size=3"])
     err = capsys.readouterr().err
-    assert rc == 1 and "engine.tensor_parallel_size 16 exceeds launch.gpus_per_node 8" in err
+    assert rc == 1 and "engine.data_parallel_size 3 x engine.tensor_parallel_size 2 != launch.gpus_per_node 8" in err
     rc = cli.main(["launch-eval", "--config", R7, "--executor", "local", "--dryrun", "--model", "/m", "--suite",
                    SUITE, "--output", str(tmp_path / "e3"), "--set", "datasets.Nope.limit=1"])
     assert rc == 1 and "no dataset named 'Nope'" in capsys.readouterr().err

@@ -128,7 +128,8 @@ def test_a_changed_suite_or_model_is_refused_unless_forced(tmp_path):
     out = tmp_path / "out"
     evaluate(model, load_suite(suite_path), out, make_generator=lambda hf: Scripted(script), progress=False)
     resumed = Scripted(script)  # other resources, same evaluation: continues (nothing left to do here)
-    evaluate(model, load_suite(suite_path, ["engine.batch_size=1", "engine.tensor_parallel_size=2"]), out,
+    evaluate(model, load_suite(suite_path, ["engine.batch_size=1", "engine.tensor_parallel_size=2",
+                                            "engine.data_parallel_size=4", "engine.timeout_s=60"]), out,
              make_generator=lambda hf: resumed, progress=False)
     assert resumed.calls == 0
     with pytest.raises(EvalStateError, match="another suite"):
@@ -160,3 +161,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["eval", "--model", model, "--suite", suite_path, "--output", str(tmp_path / "o"),
                      "datasets.arith.limt=3"]) == 2
     assert "unknown config key 'limt'" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", model, "--suite", suite_path, "--output", str(tmp_path / "o"),
+                     "engine.engine=hf", "engine.tensor_parallel_size=2"]) == 2
+    assert "engine.engine=hf runs one full model per rank" in capsys.readouterr().err
+
+
+def test_a_torchrun_world_that_does_not_match_the_engines_is_one_line(tmp_path, capsys, monkeypatch):
+    from spark_megatron.launch import cli
+
+    model, suite_path = _setup(tmp_path, 2)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["eval", "--model", model, "--suite", suite_path, "--output", str(tmp_path / "o"),
+                     "engine.tensor_parallel_size=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: torchrun started 6 ranks but engine.data_parallel_size 1 x engine.tensor_parallel_size 2"
+                   " = 2; set engine.data_parallel_size=3")
+    monkeypatch.setenv("RANK", "3")  # every rank refuses before any collective; only rank 0 prints
+    assert cli.main(["eval", "--model", model, "--suite", suite_path, "--output", str(tmp_path / "o"),
+                     "engine.tensor_parallel_size=4"]) == 2
+    assert capsys.readouterr().err == "" and not (tmp_path / "o").exists()
