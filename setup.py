@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["spark_megatron", "spark_megatron.*"]),
-    include_package_data=True,
+    # data files next to the modules (templates, tables) travel in the wheel; tests/unit/test_packaging.py checks
+    package_data={"": ["*.json", "*.yaml", "*.txt", "*.jinja"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1",

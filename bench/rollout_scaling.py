@@ -112,7 +112,7 @@ def _job(rank, world, hf_dir, rollout_tp, n_prompts, n, max_tokens, bucket_mb, r
     from spark_megatron.rollout.fleet import EngineFleet
     from spark_megatron.rollout.layout import rollout_layout
     from spark_megatron.rollout.vllm_engine import VLLMEngine
-    from spark_megatron.sync import NullSink
+    from spark_megatron.sync import EngineSink, NullSink
 
     torch.set_num_threads(1)  # one intra-op thread per rank (see bench/weight_sync.py)
     init_distributed(2, 2)
@@ -137,7 +137,7 @@ def _job(rank, world, hf_dir, rollout_tp, n_prompts, n, max_tokens, bucket_mb, r
 
     engine._sampling = fixed_length
     gen = _generation(fleet, _prompts(n_prompts), sampling, reps)
-    pushes = [_push(stage, registry, tied, bb, engine.weight_sink(), rollout_tp, reads, v) for v in range(1, reps + 2)]
+    pushes = [_push(stage, registry, tied, bb, EngineSink(engine), rollout_tp, reads, v) for v in range(1, reps + 2)]
     nulls = [_push(stage, registry, tied, bb, NullSink(), rollout_tp, reads, 0) for _ in range(reps + 1)]
     full, null = min(pushes[1:], key=lambda s: s.seconds), min(nulls[1:], key=lambda s: s.seconds)
     received = [None] * world

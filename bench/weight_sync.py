@@ -140,7 +140,7 @@ def _size_row(model, registry, tied, mb: int, reps: int, sink, first_version: in
     """`reps` NullSink pushes then `reps` + 1 pushes into `sink` (vLLM) at one bucket size; best of each."""
     from spark_megatron import sync
     from spark_megatron.sync import NullSink
-    from spark_megatron.sync.push import actor_plan
+    from spark_megatron.sync import actor_plan
 
     pool = getattr(sync, "POOL", None)  # absent before buffers were pooled (the bench also measures that code)
 
@@ -224,6 +224,7 @@ def _serve(engine, port, job_args, total_pushes):
     from tqdm import tqdm
 
     from spark_megatron.parallel.spawn import run_on_ranks
+    from spark_megatron.sync import EngineSink
     from spark_megatron.sync.channel import SyncChannel, serve_weight_updates
 
     out = {}
@@ -238,7 +239,7 @@ def _serve(engine, port, job_args, total_pushes):
     t.start()
     channel = SyncChannel.connect("127.0.0.1", port, 1, 2, True, timeout_s=600)
     with tqdm(total=total_pushes, desc="pushes into vLLM") as bar:
-        serve_weight_updates(channel, [engine], on_commit=lambda v: bar.update(1))
+        serve_weight_updates(channel, [EngineSink(engine)], on_commit=lambda v: bar.update(1))
     t.join()
     if "error" in out:
         raise out["error"]

@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to save at (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype of the Megatron checkpoint (default: the HF config's dtype)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, metavar="N",
+                   help="pad the vocab to a multiple of N: the training recipe's parallel."
+                        "make_vocab_size_divisible_by (default 128, as there). Recorded in the checkpoint; export, "
+                        "compare and the trainer read it from there")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before spawned ranks are abandoned")
@@ -37,7 +41,8 @@ def main(argv=None) -> int:
             print(f"wrote {a.out} (TP {a.tp}, PP {a.pp})")
 
     return run_cli(convert_hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
-                   progress=not a.no_progress, timeout_s=a.timeout, out=a.out, on_success=done)
+                   progress=not a.no_progress, timeout_s=a.timeout, vocab_divisible_by=a.make_vocab_size_divisible_by,
+                   out=a.out, on_success=done)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (Megatron DistributedOptimizer)."""
     make_vocab_size_divisible_by: int = 128
-    """Vocab padding unit (multiplied by TP), as in Megatron-LM."""
+    """Vocab padding unit (multiplied by TP when TP does not divide it), as in Megatron-LM. A Megatron checkpoint
+    (model.megatron_path) must have been converted with the same (`--make-vocab-size-divisible-by`)."""
     data_parallel_size: int = 1
     """Data-parallel replicas of the actor: the job has TP x PP x DP ranks. `spark-megatron train` without torchrun
     spawns that many gloo ranks; under torchrun the world must equal TP x PP x DP (checked at start)."""
@@ -198,8 +199,14 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     """None disables wandb; otherwise logs to this project."""
     wandb_mode: str = "offline"
+    """online | offline (written under output_dir/wandb, `wandb sync` later) | disabled."""
     tensorboard: bool = True
+    """TensorBoard event files under output_dir/tensorboard."""
     progress: bool = True
+    """Progress bars (warm-up, SPARK steps) on rank 0's console."""
+    summary_interval: int = 10
+    """Rank 0's console gets a one-line summary of the step every this many steps (and after the last step);
+    0 = none. Every step's full metrics are in metrics.jsonl; every rank's log is output_dir/logs/rank<N>.log."""
 
 
 @dataclass
@@ -297,7 +304,7 @@ def _coerce(value: Any, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -329,7 +336,9 @@ def _coerce(value: Any, tp, key: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    """A config dataclass from a plain dict (nested sections too), every value coerced to its field's type;
+    an unknown key is a ConfigError naming `prefix.key` with the closest known key."""
     types = _field_types(cls)
     kwargs = {}
     for k, v in (data or {}).items():
@@ -390,7 +399,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     try:
-        cfg = _build(RunConfig, data)
+        cfg = build_dataclass(RunConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") if path else e
     for k, v in parse_overrides(overrides or []):
@@ -515,7 +524,7 @@ FIELD_RULES: dict = {
     "checkpoint.save_interval": at_least(0, integer=True), "checkpoint.keep_last": at_least(0, integer=True),
     "checkpoint.resume": FLAG,
     "logging.wandb_project": optional(NAME), "logging.wandb_mode": one_of("online", "offline", "disabled"),
-    "logging.tensorboard": FLAG, "logging.progress": FLAG,
+    "logging.tensorboard": FLAG, "logging.progress": FLAG, "logging.summary_interval": at_least(0, integer=True),
     "launch.executor": one_of("local", "slurm"), "launch.nodes": at_least(1, integer=True),
     "launch.gpus_per_node": at_least(1, integer=True), "launch.account": optional(NAME),
     "launch.partition": optional(NAME), "launch.time_limit": SLURM_TIME, "launch.container_image": optional(NAME),

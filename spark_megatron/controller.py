@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -185,7 +186,10 @@ class SparkTrainer:
         return stats
 
     # ------------------------------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
+    def fit(self, on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+        """Resume (or start), warm up, push the starting weights, then run the steps until total_steps.
+        `on_step(step, row)` runs on every rank after each step, once its row is logged and its checkpoint (if
+        any) written (every rank calls it at the same point, so it may run collectives). -> the last row."""
         last = {}
         self.state.maybe_resume()
         self.roles.sleep()  # the warm-up (if any) trains the actor; the push below wakes the engines
@@ -197,8 +201,10 @@ class SparkTrainer:
             row["epoch"] = batch.epoch
             row.update(self.state.counters())
             last = self.state.logger.log(step, row)
-            self.state.progress(step, last)
+            self.state.console.step(step, last)
             self.state.maybe_checkpoint(step)
+            if on_step is not None:
+                on_step(step, last)
         self.state.finish()
         return last
 

@@ -6,16 +6,22 @@ so the file never holds two versions of one step). TensorBoard continues the sam
 the resume point (TensorBoard then shows the redone steps, not the killed run's). wandb continues the same run
 (its id is the run id of output_dir/run.json); its history cannot be rewound, so steps it may already hold (up to
 the last step the killed run wrote) are not sent again: wandb keeps the first values of redone steps.
+
+`StepConsole` is what rank 0's console shows of the steps: a progress bar and, every `logging.summary_interval`
+steps, one line with the means of the headline metrics since the last such line.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Optional
 
 from spark_megatron.config import LoggingConfig
+
+log = logging.getLogger(__name__)
 
 
 def _clean(v):
@@ -55,8 +61,12 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+            os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")  # no LLM-call tracing (and no advert for it)
+            # silent: wandb's banner and end-of-run tables would fill the console; one line says where it writes
             self._wandb = wandb.init(project=cfg.wandb_project, dir=str(output_dir), config=run_config or {},
-                                     mode=cfg.wandb_mode, id=run_id, resume="allow")
+                                     mode=cfg.wandb_mode, id=run_id, resume="allow",
+                                     settings=wandb.Settings(silent=True))
+            log.info("wandb: %s run %s under %s", cfg.wandb_mode, self._wandb.id, Path(output_dir) / "wandb")
 
     def _truncate_after(self, step: int) -> int:
         """Drop rows past `step`; returns the highest step the file held (what other sinks may have seen)."""
@@ -97,6 +107,59 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+SUMMARY = (("policy/accuracy", "policy acc", ".3f"), ("judge/accuracy", "judge acc", ".3f"),
+           ("policy/loss", "loss", ".3g"), ("policy/kl", "kl", ".3g"), ("time/step_s", "s/step", ".1f"))
+"""(metric, label, format) of the summary line, in order; a metric no step of the window has is left out."""
+
+
+class StepConsole:
+    """Rank 0's console view of the steps: a tqdm bar (headline values as its postfix) and a summary line every
+    `summary_interval` steps and after the last one. Disabled: does nothing."""
+
+    def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool = True):
+        self.cfg, self.total_steps, self.enabled = cfg, total_steps, enabled
+        self._bar = None
+        self._window: list = []
+
+    def step(self, step: int, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.cfg.progress:
+            self._advance(step, row)
+        self._window.append(row)
+        every = self.cfg.summary_interval
+        if every and (step % every == 0 or step == self.total_steps):
+            log.info(summary_line(self._window, step, self.total_steps))
+            self._window = []
+
+    def _advance(self, step: int, row: dict) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=step - 1, desc="SPARK", unit="step")
+        self._bar.update(1)
+        show = {"pol": row.get("policy/accuracy"), "judge": row.get("judge/accuracy"),
+                "s/step": row.get("time/step_s")}
+        self._bar.set_postfix({k: f"{v:.3f}" for k, v in show.items() if isinstance(v, (int, float))})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def summary_line(rows: list, step: int, total: int) -> str:
+    """`step 10/50 (steps 1-10): policy acc 0.281, judge acc 0.500, ...`: each value the mean over `rows`."""
+    first = rows[0].get("step", step) if rows else step
+    parts = []
+    for key, label, fmt in SUMMARY:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            parts.append(f"{label} {format(sum(values) / len(values), fmt)}")
+    span = f"step {first}" if first == step else f"steps {first}-{step}"
+    return f"step {step}/{total} ({span}): " + ", ".join(parts)
 
 
 def read_metrics(path) -> list:

@@ -1,6 +1,7 @@
 """The roles of a SPARK job and their wiring: actor, frozen reference, rollout engines, verifier, loss.
 
-The controller talks only to `Roles`; where the engines live and how weights travel to them is decided here,
+The controller talks only to `Roles`; where the engines live and how weights travel to them is decided here (the
+engines and the weight push do not know each other: `Roles.push_actor` wraps this rank's engine in a sync sink),
 from `rollout.layout.layout_for_config` (the function `spark-megatron plan` reports from too): every rank hosts
 its part of an engine (colocated, vLLM external_launcher on CPU and GPU alike), prompts are split across the
 engines, and every push reaches every engine.
@@ -15,6 +16,7 @@ import torch
 
 from spark_megatron.algo.loss import spark_grpo_loss
 from spark_megatron.config import RunConfig
+from spark_megatron.parallel.cpu_compat import compute_device
 
 
 def grpo_loss_fn(algo_cfg, logprobs, entropy, extras):
@@ -62,6 +64,8 @@ class Roles:
     """rollout.fleet.EngineFleet: this rank's view of all engines (generate, sleep/wake, push)."""
     sync_metrics: Optional[dict] = None
     """Of the last push: model bytes, most bytes any rank received (sync/...), its seconds (time/push_s)."""
+    _sink: Optional[Any] = None
+    """sync.EngineSink of this rank's engine part (built at the first push)."""
 
     @property
     def loss_fn(self):
@@ -99,16 +103,30 @@ class Roles:
 
         self.policy_version += 1
         self.fleet.wake_weights()
-        stats = self.fleet.push(self.actor, self.policy_version, self.cfg.rollout.sync_bucket_mb << 20)
+        stats = self.push_actor(self.policy_version)
         self.fleet.wake_kv()
-        from spark_megatron.parallel.cpu_compat import compute_device
-
         most = torch.tensor([stats.received_bytes], dtype=torch.float64, device=compute_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
         self.sync_metrics = {"sync/model_bytes": float(stats.bytes),
                              "sync/max_received_bytes_per_rank": float(most.item()),
                              "time/push_s": stats.seconds}
+
+    def push_actor(self, version: int, tracker=None):
+        """The actor's weights into every engine (sync.push_actor_weights, delivery "colocated": every rank
+        streams its shards, every rank's engine part loads what it reads) -> this rank's sync.PushStats.
+        `tracker`: a sync.LiveBytes that measures the push's extra memory on this rank."""
+        from spark_megatron.sync import EngineSink, WeightSyncError, WeightValidationError, push_actor_weights
+
+        actor, fleet = self.actor, self.fleet
+        if self._sink is None:
+            self._sink = EngineSink(fleet.engine)
+        push = functools.partial(
+            push_actor_weights, actor.model_chunks, actor.mappings(), version,
+            self.cfg.rollout.sync_bucket_mb << 20, sink=self._sink, tied=actor.shape.tie_word_embeddings,
+            dtype=getattr(fleet.engine, "dtype", None), delivery="colocated", engine_tp=fleet.layout.rollout_tp,
+            engine_reads=fleet.shard_reads(), tracker=tracker)
+        return fleet.load_weights(version, push, passthrough=(WeightValidationError, WeightSyncError))
 
     def close(self) -> None:
         if self.verifier is not None:
@@ -130,12 +148,13 @@ def build_roles(cfg: RunConfig, hf_dir: str, is_driver: bool) -> Roles:
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     temperature = sampling_temperature(cfg.rollout)
+    start = megatron_start(cfg.model)
     actor = Actor(cfg.model, cfg.parallel, cfg.optim, hf_dir, total_steps=_optimizer_steps(cfg),
-                  logit_temperature=temperature, seed=cfg.seed)
+                  logit_temperature=temperature, seed=cfg.seed, start=start)
     reference = None
     if cfg.algorithm.kl_coef > 0:
         reference = ReferenceModel(cfg.model, cfg.parallel, hf_dir, micro_batch_size=cfg.optim.micro_batch_size,
-                                   offload=cfg.model.reference_offload, logit_temperature=temperature)
+                                   offload=cfg.model.reference_offload, logit_temperature=temperature, start=start)
     fleet = build_fleet(cfg, hf_dir)
     verifier = Verifier.from_config(cfg.algorithm) if is_driver else None
     r = cfg.rollout
@@ -144,6 +163,28 @@ def build_roles(cfg: RunConfig, hf_dir: str, is_driver: bool) -> Roles:
     sampling = SamplingSpec(n=r.n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_tokens,
                             seed=None)
     return Roles(cfg, tokenizer, actor, reference, fleet.engine, verifier, sampling, fleet=fleet)
+
+
+@dataclass
+class MegatronStart:
+    """A Megatron checkpoint (`model.megatron_path`) as the actor's and reference's start weights
+    (train.actor.StartCheckpoint)."""
+
+    source: str
+    hf_config: dict
+
+    def load_into(self, stage) -> None:
+        from spark_megatron.checkpoint.megatron_format import load_megatron_checkpoint
+
+        load_megatron_checkpoint(stage, self.source)
+
+
+def megatron_start(model_cfg) -> Optional[MegatronStart]:
+    if not model_cfg.megatron_path:
+        return None
+    from spark_megatron.checkpoint.megatron_format import read_meta
+
+    return MegatronStart(str(model_cfg.megatron_path), read_meta(model_cfg.megatron_path).hf_config)
 
 
 def build_fleet(cfg: RunConfig, hf_dir: str):

@@ -1,7 +1,9 @@
 """Everything about a run that outlives one step: the prompt stream and its cursor, the step counter, resume,
-checkpoints, the supervised warm-up of the quickstart, the watch on bad updates, metrics and the progress bar."""
+checkpoints, the supervised warm-up of the quickstart, the watch on bad updates, and the metrics sinks (files,
+TensorBoard, wandb; the console view is metrics.StepConsole)."""
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -12,8 +14,10 @@ import torch.distributed as dist
 from spark_megatron.config import ConfigError, RunConfig
 from spark_megatron.data import DataError, PromptStream, load_prompts
 from spark_megatron.data.lengths import filter_by_length
-from spark_megatron.metrics import MetricsLogger
+from spark_megatron.metrics import MetricsLogger, StepConsole
 from spark_megatron.run_dir import adopts_unmarked_checkpoints, read_run_id
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
@@ -50,7 +54,7 @@ class RunState:
         self.last_good: Optional[Path] = None
         """Newest checkpoint of this run written while no streak of bad updates was going on."""
         self.logger = None
-        self._bar = None
+        self.console = StepConsole(cfg.logging, self.total_steps, enabled=is_driver)
 
     # ---------------------------------------------------------------------------------------- resume / save
     def maybe_resume(self) -> None:
@@ -60,7 +64,7 @@ class RunState:
                                     resume_from_step=self.step if self.cfg.checkpoint.resume else None,
                                     run_id=self.run_id)
         if self.is_driver and self.resumed:
-            print(f"[resume] continuing after step {self.step} from {latest}")
+            log.info(f"[resume] continuing after step {self.step} from {latest}")
 
     def _belongs(self, path: Path) -> bool:
         from spark_megatron.checkpoint.train_state import checkpoint_run_id
@@ -76,7 +80,7 @@ class RunState:
         candidates = [p for p in reversed(complete_checkpoints(self.ckpt_root)) if self._belongs(p)]
         if not candidates:
             if self.is_driver:
-                print(f"[resume] no complete checkpoint under {self.ckpt_root}; starting fresh")
+                log.info(f"[resume] no complete checkpoint under {self.ckpt_root}; starting fresh")
             return None
         failures = []
         for i, ckpt in enumerate(candidates):
@@ -95,7 +99,7 @@ class RunState:
             failures.append(f"{ckpt.name}: {reason}")
             if self.is_driver:
                 nxt = candidates[i + 1].name if i + 1 < len(candidates) else "none left"
-                print(f"[resume] checkpoint {ckpt} does not load ({reason}); falling back to: {nxt}")
+                log.warning(f"[resume] checkpoint {ckpt} does not load ({reason}); falling back to: {nxt}")
         raise CheckpointError(f"no checkpoint under {self.ckpt_root} loads ({'; '.join(failures)})")
 
     def _restore(self, extra: dict, ckpt: Path) -> None:
@@ -187,8 +191,8 @@ class RunState:
                                   after_update=self.check_updates)
         if self.is_driver:
             skipped = self.roles.actor.bad_updates["nonfinite"] - skipped_before
-            print(f"[warm-up] {self.cfg.warmup_sft_steps} supervised steps, final loss {stats['loss']:.4f}"
-                  + (f", {skipped} updates skipped (non-finite)" if skipped else ""))
+            log.info(f"[warm-up] {self.cfg.warmup_sft_steps} supervised steps, final loss {stats['loss']:.4f}"
+                     + (f", {skipped} updates skipped (non-finite)" if skipped else ""))
         from spark_megatron.checkpoint.train_state import save_model_snapshot
 
         save_model_snapshot(self.roles.actor, self.warmup_model)
@@ -207,25 +211,12 @@ class RunState:
 
         load_megatron_checkpoint(self.roles.reference.model_chunks[0], self.warmup_model)
 
-    def progress(self, step: int, row: dict) -> None:
-        if not (self.is_driver and self.cfg.logging.progress):
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=step - 1, desc="SPARK", unit="step")
-        self._bar.update(1)
-        show = {"pol": row.get("policy/accuracy"), "judge": row.get("judge/accuracy"),
-                "s/step": row.get("time/step_s")}
-        self._bar.set_postfix({k: f"{v:.3f}" for k, v in show.items() if isinstance(v, (int, float))})
-
     def finish(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self.console.close()
         if self.logger is not None:
             self.logger.close()
 
@@ -236,8 +227,9 @@ def _all_ranks_ok(ok: bool) -> bool:
         return ok
     import torch
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)  # NCCL reduces device tensors only
+    from spark_megatron.parallel.cpu_compat import compute_device
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=compute_device())  # NCCL: device tensors only
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

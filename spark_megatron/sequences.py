@@ -46,7 +46,7 @@ class SequenceBuilder:
         ids, lps = list(rollout.response_token_ids), list(rollout.logprobs) if rollout.logprobs else None
         if self.image_preprocessor is not None:
             if self._vision_ids is None:
-                from spark_megatron.rollout.engine import vision_token_ids
+                from spark_megatron.vision.tokens import vision_token_ids
 
                 self._vision_ids = set(vision_token_ids(self.tokenizer)) if self.tokenizer is not None else set()
             cut = next((i for i, t in enumerate(ids) if t in self._vision_ids), len(ids))

@@ -116,10 +116,11 @@ def fsync_tree(path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
-def _fsync_dir(path) -> None:
+def fsync_dir(path) -> None:
+    """Make a rename or new entry in directory `path` durable."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -140,7 +141,7 @@ def commit(tmp, out, force: bool = False) -> Path:
         old = out.with_name(f"{out.name}{_OLD_TAG}{os.getpid()}")
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out

@@ -141,7 +141,7 @@ def _compare_rank(rank: int, world: int, plan: ComparePlan):
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
-        stage = build_stage_for_loading(family, shape, meta.dtype)
+        stage = build_stage_for_loading(family, shape, meta.dtype, meta.vocab_divisible_by)
         load_megatron_checkpoint(stage, plan.ckpt_dir)  # raises on every rank alike
     except launcher.USER_ERRORS as e:
         return launcher.error_value(e)

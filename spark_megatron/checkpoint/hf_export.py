@@ -108,11 +108,11 @@ def plan_files(skeleton, registry, tied: bool, naming, scheme: str, itemsize: in
     """The HF files of the model: parameter groups in model order, a new file when the next group would make the
     current one exceed `max_bytes` (a fused group is never split across files)."""
     from spark_megatron.models.layout import hf_shapes
-    from spark_megatron.models.weights import _mapping_for, global_param_names
+    from spark_megatron.models.weights import mapping_for, global_param_names
 
     files, size = [HFFile("")], 0
     for name, param in global_param_names(skeleton):
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         hub_names = mapping.resolve(layer)[1]
         names = [naming.to_scheme(h, scheme) if naming is not None else h for h in hub_names]
         group = ParamGroup(name, mapping, names, list(hf_shapes(mapping, tuple(param.shape), 1)))
@@ -204,11 +204,11 @@ def _export_rank(rank: int, world: int, plan: ExportPlan) -> dict:
         meta = read_meta(plan.ckpt_dir)
         family = family_for_config(meta.hf_config)
         shape = family.shape_from_hf_dict(meta.hf_config)
-        skeleton = build_skeleton(family, shape, meta.dtype)
+        skeleton = build_skeleton(family, shape, meta.dtype, meta.vocab_divisible_by)
         views, _ = stage_shard_views(skeleton, main_replicas_only=False)
         reader = DistcpReader(plan.ckpt_dir)
         dtype = getattr(torch, plan.dtype)
-        registry = family.mappings(shape)
+        registry = family.mappings(shape, meta.vocab_divisible_by)
         files = plan_files(skeleton, registry, shape.tie_word_embeddings, family.hf_naming, plan.hf_naming,
                            dtype.itemsize, plan.max_shard_bytes)
         _check_complete(files, registry, family.hf_naming, plan.hf_naming)

@@ -39,6 +39,9 @@ class ImportPlan:
     """Replace a non-empty output directory."""
     progress: bool
     """tqdm bars on rank 0."""
+    vocab_divisible_by: int = 128
+    """The vocab is padded to a multiple of this (the training recipe's parallel.make_vocab_size_divisible_by;
+    recorded in the checkpoint, where export, compare and the trainer read it)."""
 
 
 def hf_config_dtype(cfg: dict) -> str:
@@ -96,45 +99,35 @@ def reader_name(reader, name: str) -> str:
 
 
 def plan_hf_to_megatron(hf_dir, out, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-                        force: bool = False, progress: bool = True) -> ImportPlan:
+                        force: bool = False, progress: bool = True, vocab_divisible_by: int = 128) -> ImportPlan:
     """Validate everything that can be validated without ranks; raises ModelSpecError/CheckpointError/..."""
     if tp < 1 or pp < 1:
         raise ModelSpecError(f"TP and PP must be >= 1 (got TP {tp}, PP {pp})")
+    if vocab_divisible_by < 1:
+        raise ModelSpecError(f"the vocab padding divisor must be >= 1 (got {vocab_divisible_by})")
     family, shape = load_family(hf_dir)
-    family.check_layout(shape, tp, pp)
+    family.check_layout(shape, tp, pp, vocab_divisible_by)
     if dtype is not None and dtype not in DTYPES:
         raise ModelSpecError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     reader = family.open_hf(hf_dir, shape)
-    check_hf_tensors(reader, family.mappings(shape), shape.tie_word_embeddings)
+    check_hf_tensors(reader, family.mappings(shape, vocab_divisible_by), shape.tie_word_embeddings)
     out_path = atomic.check_output_dir(out, force)
     return ImportPlan(hf_dir=str(Path(hf_dir).absolute()), out=str(out_path), tp=tp, pp=pp,
-                      dtype=dtype or hf_config_dtype(read_hf_config(hf_dir)), force=force, progress=progress)
+                      dtype=dtype or hf_config_dtype(read_hf_config(hf_dir)), force=force, progress=progress,
+                      vocab_divisible_by=vocab_divisible_by)
 
 
-def build_stage_for_loading(family, shape, dtype: str):
+def build_stage_for_loading(family, shape, dtype: str, vocab_divisible_by: int = 128):
     """This rank's stage without random initialisation (every parameter is loaded right after)."""
-    return family.build_stage(shape, dtype, init_weights=False)
+    return family.build_stage(shape, dtype, init_weights=False, divisible_by=vocab_divisible_by)
 
 
-def build_skeleton(family, shape, dtype: str):
+def build_skeleton(family, shape, dtype: str, vocab_divisible_by: int = 128):
     """This rank's stage on the meta device: its parameters' shapes and sharded layout, no memory."""
     import torch
 
     with torch.device("meta"):
-        return family.build_stage(shape, dtype, init_weights=False)
-
-
-def stage_hf_tensor_count(stage, registry, tied: bool, exporting: bool = False) -> int:
-    """HF tensors this stage reads on load (or writes on export: a tied output layer is not exported)."""
-    from spark_megatron.models.weights import _mapping_for, global_param_names
-
-    n = 0
-    for name, _ in global_param_names(stage):
-        if exporting and tied and name.endswith("output_layer.weight"):
-            continue
-        mapping, layer = _mapping_for(registry, name, tied)
-        n += len(mapping.resolve(layer)[1])
-    return n
+        return family.build_stage(shape, dtype, init_weights=False, divisible_by=vocab_divisible_by)
 
 
 class Scratch:
@@ -191,15 +184,15 @@ def stream_stage(stage, views: dict, reader, registry, tied: bool, writer, bar) 
     """For each parameter this rank stores, append its chunks to `writer`: straight from the HF files where a chunk
     is made of whole HF rows (one copy), else through the scratch buffer filled with the TP shard; then drop the
     HF pages read. Returns (bytes of HF tensor data read, scratch bytes)."""
-    from spark_megatron.models.weights import _mapping_for, _tp, fill_shard, global_param_names
+    from spark_megatron.models.weights import mapping_for, tp_rank_and_size, fill_shard, global_param_names
 
-    tp_rank, tp_size = _tp()
+    tp_rank, tp_size = tp_rank_and_size()
     scratch, nbytes = Scratch(), 0
     for (local, param), (name, _) in zip(stage.named_parameters(), global_param_names(stage)):
         mine = views.get(local)
         if not mine:
             continue  # a replica another rank stores (TP-replicated norms, a tied output layer)
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         hf_names = list(mapping.resolve(layer)[1])
         direct = direct_pieces(mapping, hf_names, reader, tp_rank, tp_size, param, mine, writer.MIN_PIECES_BYTES)
         buf = None
@@ -259,16 +252,17 @@ def _import_rank(rank: int, world: int, plan: ImportPlan) -> dict:
     rss_after_init = launcher.memory_stats()["rss_bytes"]
     t_init = time.perf_counter()
     family, shape = load_family(plan.hf_dir)
-    stage = build_skeleton(family, shape, plan.dtype)
+    stage = build_skeleton(family, shape, plan.dtype, plan.vocab_divisible_by)
     views, objects = stage_shard_views(stage)
-    registry = family.mappings(shape)
+    registry = family.mappings(shape, plan.vocab_divisible_by)
     t_build = time.perf_counter()
     reader = family.open_hf(plan.hf_dir, shape)
     total = sum(len(_mapping_hf(registry, n, shape.tie_word_embeddings)) for n, _ in _stored(stage, views))
     bar = tqdm(total=total, unit="tensor", desc="hf->megatron", disable=not (plan.progress and rank == 0))
     meta = CheckpointMeta(family=family.name, hf_config=read_hf_config(plan.hf_dir),
-                          padded_vocab_size=padded_vocab_size(shape.vocab_size, 128, plan.tp), dtype=plan.dtype,
-                          tp=plan.tp, pp=plan.pp, hf_naming=reader.scheme)
+                          padded_vocab_size=padded_vocab_size(shape.vocab_size, plan.vocab_divisible_by, plan.tp),
+                          vocab_divisible_by=plan.vocab_divisible_by, dtype=plan.dtype, tp=plan.tp, pp=plan.pp,
+                          hf_naming=reader.scheme)
     stats: dict = {}
     try:
         write_checkpoint(plan.out, meta, lambda tmp: _write_rank_files(
@@ -292,20 +286,23 @@ def _stored(stage, views: dict):
 
 
 def _mapping_hf(registry, name: str, tied: bool) -> tuple:
-    from spark_megatron.models.weights import _mapping_for
+    from spark_megatron.models.weights import mapping_for
 
-    mapping, layer = _mapping_for(registry, name, tied)
+    mapping, layer = mapping_for(registry, name, tied)
     return mapping.resolve(layer)[1]
 
 
 def convert_hf_to_megatron(hf_dir, out, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-                           force: bool = False, progress: bool = True, timeout_s: float = 3600) -> list:
+                           force: bool = False, progress: bool = True, timeout_s: float = 3600,
+                           vocab_divisible_by: int = 128) -> list:
     """Convert an HF checkpoint to a Megatron checkpoint saved at TP x PP; returns per-rank timings.
+    `vocab_divisible_by`: the training recipe's parallel.make_vocab_size_divisible_by (a checkpoint padded with
+    another divisor does not load into that trainer's stage).
 
     Raises ModelSpecError / MappingError / CheckpointError (one-line messages) and leaves no output on failure;
     KeyboardInterrupt when interrupted (the ranks are stopped first).
     """
-    plan = plan_hf_to_megatron(hf_dir, out, tp, pp, dtype, force, progress)
+    plan = plan_hf_to_megatron(hf_dir, out, tp, pp, dtype, force, progress, vocab_divisible_by)
     try:
         return launcher.run_layout(_import_rank, tp * pp, plan, timeout_s=timeout_s)
     finally:

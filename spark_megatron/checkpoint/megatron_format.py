@@ -48,6 +48,9 @@ class CheckpointMeta:
     """Pipeline-parallel size at save time (informational: loading reshards)."""
     step: Optional[int] = None
     """Training step of a trainer checkpoint; None for a conversion."""
+    vocab_divisible_by: int = 128
+    """The divisor the vocab was padded to a multiple of (`parallel.make_vocab_size_divisible_by`; conversion:
+    `--make-vocab-size-divisible-by`). A trainer or tool that loads the checkpoint builds its stage with it."""
     hf_naming: Optional[str] = None
     """Tensor-name scheme of the HF checkpoint this was converted from (e.g. 'hub' or 'transformers' for
     Qwen2.5-VL); HF export writes it back unless told otherwise. None: the family's default."""
@@ -172,26 +175,6 @@ def prepare_temp_dir(out_dir, force: bool):
     if result[0] == "error":
         raise (atomic.OutputExistsError if result[1] == "OutputExistsError" else CheckpointError)(result[2])
     return Path(result[1])
-
-
-def use_in_process_write_queue() -> None:
-    """For processes that only save synchronously (conversions): skip megatron's lazily spawned Manager, and
-    skip the zip CRC32 that torch.save computes over every tensor record.
-
-    megatron's torch_dist writer passes per-file results through a `spawn`-context Manager queue so that an
-    async writer process can report back; starting that Manager costs 2-10 s per process (a fresh interpreter,
-    slower with several ranks per core). A synchronous save produces and consumes the results in this process,
-    where a thread queue is equivalent. Do not call this in processes that use async checkpoint saving.
-    The CRC32 is never verified by torch.load (the only reader of .distcp records) and costs ~1 s per GB.
-    """
-    import queue
-
-    import torch
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    torch.serialization.set_crc32_options(False)
-    if getattr(filesystem_async, "_results_queue", "missing") is None:
-        filesystem_async._results_queue = queue.Queue()
 
 
 def write_checkpoint(out_dir, meta: CheckpointMeta, write, aux_from=None, force: bool = False,

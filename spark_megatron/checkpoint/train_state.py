@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from spark_megatron.checkpoint.atomic import fsync_dir
 from spark_megatron.checkpoint.megatron_format import META_FILE, CheckpointMeta, model_sharded_state_dict, read_meta
 from spark_megatron.models.weights import CheckpointError
 
@@ -123,8 +124,8 @@ def _train_meta(actor, extra_state: dict, rng: bool) -> CheckpointMeta:
     step = extra_state.get("step")
     return CheckpointMeta(
         family=actor.family.name, hf_config=actor.hf_config,
-        padded_vocab_size=padded_vocab_size(actor.shape.vocab_size,
-                                            actor.parallel_cfg.make_vocab_size_divisible_by, layout["tp"]),
+        padded_vocab_size=padded_vocab_size(actor.shape.vocab_size, actor.vocab_divisible_by, layout["tp"]),
+        vocab_divisible_by=actor.vocab_divisible_by,
         dtype=actor.model_cfg.params_dtype, tp=layout["tp"], pp=layout["pp"],
         step=int(step) if isinstance(step, int) else None, extra={"train_state": train_state})
 
@@ -182,17 +183,7 @@ def write_latest(run_dir, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync_dir(run_dir)
-
-
-def _fsync_dir(path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- discovery

@@ -154,8 +154,7 @@ def build_eval_engine(engine_cfg, decoding, hf_dir):
     name, dtype = engine_choice(engine_cfg, hf_dir)
     # an evaluation owns its engine (no trainer to share GPUs with): vLLM's standalone placement
     extra = {"placement": "standalone"} if name == "vllm" else {}
-    return build_engine(_rollout_config(engine_cfg, decoding, name), hf_dir, own_process=False, dtype=dtype,
-                        seed=0, **extra)
+    return build_engine(_rollout_config(engine_cfg, decoding, name), hf_dir, dtype=dtype, seed=0, **extra)
 
 
 def eval_layout(engine_cfg, world: int, engine: str):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from spark_megatron.eval.items import AnswerItem, JudgmentItem, PreferenceItem
-from spark_megatron.recycle import question as q
+from spark_megatron.data import question as q
 from spark_megatron.recycle import templates
 from spark_megatron.types import Prompt, TaskKind
 from spark_megatron.verify import VerifyRequest, choice_label, extract_boxes

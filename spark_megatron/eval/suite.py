@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from spark_megatron.config import ConfigError, _build, apply_override, parse_overrides
+from spark_megatron.config import ConfigError, apply_override, build_dataclass, parse_overrides
 
 REFERENCE_SYSTEM_PROMPT = "You are a helpful assistant."
 REFERENCE_INSTRUCTION = ("Please first conduct reasoning, and then answer the question. Repeat the final answer "
@@ -157,7 +157,7 @@ def _datasets(raw, where: str, base_dir: Path) -> list:
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: datasets[{i}] must be a mapping")
-        spec = _build(DatasetSpec, entry, f"datasets[{i}]")
+        spec = build_dataclass(DatasetSpec, entry, f"datasets[{i}]")
         if spec.path and not Path(spec.path).is_absolute() and not spec.path.startswith("synthetic:"):
             spec.path = str(base_dir / spec.path)
         out.append(spec)
@@ -232,7 +232,7 @@ def load_suite(path: str, overrides: Optional[list] = None) -> Suite:
     data = dict(data)
     raw_datasets = data.pop("datasets", None)
     try:
-        suite = _build(Suite, data)
+        suite = build_dataclass(Suite, data)
         suite.datasets = _datasets(raw_datasets, path, p.parent.absolute())
         for key, value in parse_overrides(overrides or []):
             if key.startswith("datasets."):
@@ -242,12 +242,3 @@ def load_suite(path: str, overrides: Optional[list] = None) -> Suite:
         return validate(suite)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def suite_from_dict(data: dict) -> Suite:
-    """A Suite from its `to_dict()` form (the copy stored in OUT/manifest.json)."""
-    data = dict(data)
-    raw = data.pop("datasets", [])
-    suite = _build(Suite, data)
-    suite.datasets = [_build(DatasetSpec, d) for d in raw]
-    return suite

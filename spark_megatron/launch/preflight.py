@@ -14,6 +14,7 @@ A problem is one line (ConfigError, DataError, RecipeError, CheckpointError); tr
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 from spark_megatron.config import ConfigError, RunConfig, check_values
@@ -72,15 +73,15 @@ def actor_limits(cfg: RunConfig) -> None:
 
 
 def model_paths(cfg: RunConfig) -> None:
-    from pathlib import Path
-
     from spark_megatron.launch.train_entry import TINY_KINDS
 
     m = cfg.model
     if m.megatron_path:
-        if not (Path(m.megatron_path) / "spark_meta.json").is_file():
+        meta = Path(m.megatron_path) / "spark_meta.json"
+        if not meta.is_file():
             raise ConfigError(f"model.megatron_path '{m.megatron_path}' is not a spark_megatron Megatron checkpoint "
                               "(no spark_meta.json)")
+        vocab_divisor(cfg, meta)
         return
     if m.hf_path.startswith("tiny:"):
         if m.hf_path[5:] not in TINY_KINDS:
@@ -88,6 +89,21 @@ def model_paths(cfg: RunConfig) -> None:
                               + ", ".join(f"tiny:{k}" for k in TINY_KINDS))
     elif not (Path(m.hf_path) / "config.json").is_file():
         raise ConfigError(f"model.hf_path '{m.hf_path}' is not an HF checkpoint directory (no config.json)")
+
+
+def vocab_divisor(cfg: RunConfig, meta_file) -> None:
+    """The checkpoint's vocab was padded with the divisor the trainer pads with, or its embedding cannot load."""
+    import json
+
+    try:
+        saved = int(json.loads(Path(meta_file).read_text()).get("vocab_divisible_by", 128))
+    except (OSError, ValueError, TypeError):
+        return  # a damaged file is reported when the checkpoint is read, with its own message
+    want = cfg.parallel.make_vocab_size_divisible_by
+    if saved != want:
+        raise ConfigError(f"model.megatron_path '{cfg.model.megatron_path}' pads its vocab to a multiple of {saved} "
+                          f"but parallel.make_vocab_size_divisible_by is {want}: set it to {saved}, or convert the "
+                          f"HF checkpoint again with --make-vocab-size-divisible-by {want}")
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
@@ -120,8 +136,6 @@ def check_with_model(cfg: RunConfig, world: int, hf_dir: str, loaded, resume: bo
 def check_checkpoints(cfg: RunConfig, num_prompts: int) -> Optional[str]:
     """On resume: the run's checkpoints, newest first, must include one that looks loadable and that was
     written for the same prompt list; returns its name (None: nothing to resume, the run starts fresh)."""
-    from pathlib import Path
-
     from spark_megatron.checkpoint.megatron_format import read_meta
     from spark_megatron.checkpoint.train_state import checkpoint_run_id, complete_checkpoints, scan_checkpoint
     from spark_megatron.models.weights import CheckpointError

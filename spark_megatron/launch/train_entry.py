@@ -23,6 +23,8 @@ from pathlib import Path
 
 from spark_megatron.config import ConfigError, RunConfig, load_config, save_config
 
+log = logging.getLogger(__name__)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -55,6 +57,9 @@ TINY_KINDS = ("qwen2", "qwen2-tied", "qwen2_5_vl")
 
 def write_tiny(kind: str, out, seed: int) -> None:
     """A seeded random tiny checkpoint of one of TINY_KINDS, built locally."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-file tiny checkpoint needs no "Writing model shards" bar
     if kind == "qwen2_5_vl":
         from spark_megatron.models.tiny_vl_checkpoint import TinyQwen25VLSpec, write_tiny_qwen2_5_vl
 
@@ -119,13 +124,17 @@ def check_engine_for_model(cfg: RunConfig, hf_dir: str) -> None:
 
 
 def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
-    """Body of one rank: init parallel state, run the trainer, return the last metrics row. A failure's traceback
-    goes to <output_dir>/logs/rank<N>.log; one the user can act on is re-raised as a one-line RunAbort."""
-    from spark_megatron.config import _build
+    """Body of one rank: init parallel state, run the trainer, return the last metrics row. The rank's log (all
+    libraries; rank 0 also shows its part on the console, see logs.py) and a failure's traceback go to
+    <output_dir>/logs/rank<N>.log; an error the user can act on is re-raised as a one-line RunAbort."""
+    import torch  # noqa: F401 - before logs.configure, which takes over torch's own log handler
 
-    cfg = _build(RunConfig, cfg_dict)
+    from spark_megatron import logs
+    from spark_megatron.config import build_dataclass
+
+    cfg = build_dataclass(RunConfig, cfg_dict)
     log_path = Path(cfg.output_dir) / "logs" / f"rank{rank}.log"
-    handlers = _log_to(log_path)
+    undo_logging = logs.configure(rank, log_path)
     try:
         return _train(cfg, hf_dir)
     except BaseException as e:
@@ -136,9 +145,7 @@ def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
             raise abort from None
         raise
     finally:
-        for handler in handlers:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        undo_logging()
 
 
 def _train(cfg: RunConfig, hf_dir: str) -> dict:
@@ -152,20 +159,6 @@ def _train(cfg: RunConfig, hf_dir: str) -> dict:
         return trainer.fit()
     finally:
         trainer.close()
-
-
-def _log_to(path: Path) -> list:
-    """Python logging of this rank (warnings and up) into its log file; warnings still reach stderr as they
-    did without a handler (logging's last resort stops once the root logger has one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    handlers = [] if root.handlers else [logging.StreamHandler()]
-    handlers.append(logging.FileHandler(path))
-    handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for h in handlers:
-        h.setLevel(logging.WARNING)
-        root.addHandler(h)
-    return handlers
 
 
 def _user_error_types() -> tuple:
@@ -237,13 +230,13 @@ def preflight(args, cfg: RunConfig) -> str:
     check_engine_for_model(cfg, hf_dir)
     lengths = checks.check_with_model(cfg, world, hf_dir, loaded, resume)
     if owner and (loaded.report.skipped or lengths.dropped):
-        print(f"[preflight] {len(lengths.kept)} prompts; {loaded.report.skipped} bad records skipped "
-              f"(data.on_bad_record=skip); {lengths.summary()}")
+        log.warning(f"[preflight] {len(lengths.kept)} prompts; {loaded.report.skipped} bad records skipped "
+                    f"(data.on_bad_record=skip); {lengths.summary()}")
     if owner:
         if args.force:
             removed = remove_run(cfg.output_dir)
             if removed:
-                print(f"--force: removed {', '.join(p.name for p in removed)} from {cfg.output_dir}")
+                log.info(f"--force: removed {', '.join(p.name for p in removed)} from {cfg.output_dir}")
         claim(cfg.output_dir, resume)
         (Path(cfg.output_dir) / "logs").mkdir(exist_ok=True)
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
@@ -251,8 +244,18 @@ def preflight(args, cfg: RunConfig) -> str:
 
 
 def main(argv=None) -> int:
+    from spark_megatron import logs
+
+    logs.configure(console=True)  # this process's lines (preflight, --force) on the console; ranks log to files
     try:
-        args, cfg = resolve_config(argv if argv is not None else sys.argv[1:])
+        return _main(argv if argv is not None else sys.argv[1:])
+    finally:
+        logs.undo()
+
+
+def _main(argv: list) -> int:
+    try:
+        args, cfg = resolve_config(argv)
         if args.print_config:
             import yaml
 
@@ -279,10 +282,10 @@ def main(argv=None) -> int:
     except RankFailure as e:
         if e.summary is None:
             raise
-        log = Path(cfg.output_dir) / "logs" / "rank_failure.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(str(e))
-        print(f"error: {e.summary} (rank output: {log})", file=sys.stderr)
+        failure_log = Path(cfg.output_dir) / "logs" / "rank_failure.log"
+        failure_log.parent.mkdir(parents=True, exist_ok=True)
+        failure_log.write_text(str(e))
+        print(f"error: {e.summary} (rank output: {failure_log})", file=sys.stderr)
         return e.exit_code or 1
     except EngineFailure as e:  # world of one: the engine failed in this process
         print(f"error: {e}", file=sys.stderr)

@@ -73,7 +73,7 @@ def megatron_forward(model, inputs, vocab_size: int):
     [b, s, h]})."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from spark_megatron.train.schedule import MicroBatch, run_schedule
+    from spark_megatron.parallel.schedule import MicroBatch, run_schedule
 
     inputs = as_inputs(inputs)
     hidden: dict = {}

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""model.params_dtype -> the dtype Megatron stages are built in."""
 
 
 class ModelSpecError(ValueError):
@@ -118,11 +119,11 @@ def transformer_config(shape: TextModelShape, tp: int = 1, pp: int = 1, params_d
     """
     from megatron.core.transformer import TransformerConfig
 
-    if params_dtype not in _DTYPES:
-        raise ModelSpecError(f"params_dtype must be one of {list(_DTYPES)}, got '{params_dtype}'")
+    if params_dtype not in PARAMS_DTYPES:
+        raise ModelSpecError(f"params_dtype must be one of {list(PARAMS_DTYPES)}, got '{params_dtype}'")
     if fp8 and not have_transformer_engine():
         raise ModelSpecError(f"fp8='{fp8}' needs Transformer Engine on a CUDA GPU (not available here)")
-    dtype = _DTYPES[params_dtype]
+    dtype = PARAMS_DTYPES[params_dtype]
     kw = dict(
         num_layers=shape.num_layers, hidden_size=shape.hidden_size, ffn_hidden_size=shape.intermediate_size,
         num_attention_heads=shape.num_heads, num_query_groups=shape.num_kv_heads, kv_channels=shape.head_dim,

@@ -11,8 +11,6 @@ from typing import Optional
 
 import torch
 
-from spark_megatron.models import families as _families
-from spark_megatron.models.families import ModelFamily, register_family
 from spark_megatron.models.qwen2 import (ModelSpecError, TextModelShape, check_parallel_layout, layer_spec,
                                          padded_vocab_size, transformer_config)
 from spark_megatron.models.vision import VisionShape, VisionTransformer, vision_transformer_config
@@ -231,22 +229,3 @@ def build_stage(shape: VLModelShape, params_dtype: str = "float32", **kw):
     provider = model_provider(shape, params_dtype, **kw)
     return on_compute_device(provider(pre_process=ps.is_pipeline_first_stage(),
                                       post_process=ps.is_pipeline_last_stage()))
-
-
-def _mappings(shape):
-    from spark_megatron.models.qwen2_5_vl_mapping import qwen2_5_vl_mappings
-
-    return qwen2_5_vl_mappings(shape)
-
-
-def _naming():
-    from spark_megatron.models.qwen2_5_vl_mapping import NAMING
-
-    return NAMING
-
-
-_families._register_builtin()  # registering first must not stop the built-in text family from registering
-register_family(ModelFamily(
-    name="qwen2_5_vl", architectures=ARCHITECTURES, shape_from_hf_dict=VLModelShape.from_hf_dict,
-    check_layout=check_vl_layout, build_stage=build_stage, mappings=_mappings,
-    hf_model_class="Qwen2_5_VLForConditionalGeneration", hf_naming=_naming()))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from spark_megatron.models.mapping import padded_size
-from spark_megatron.models.qwen2 import ModelSpecError, _DTYPES, have_transformer_engine
+from spark_megatron.models.qwen2 import PARAMS_DTYPES, ModelSpecError, have_transformer_engine
 
 # The vision MLP width is zero-padded where TP would not split it into shards of a multiple of 16 (HF -> Megatron
 # pads, export and weight sync strip, see qwen2_5_vl_mapping): TE's FP8 GEMMs need dims divisible by 16 and bf16
@@ -47,10 +47,6 @@ class VisionShape:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
     def ffn_size(self, tp: int) -> int:
         """The MLP width Megatron allocates at this TP (HF's intermediate_size zero-padded)."""
@@ -89,7 +85,7 @@ def vision_transformer_config(v: VisionShape, tp: int, params_dtype: str = "floa
     """init_weights=False: no random initialisation (the tower is loaded right after), as for the text model."""
     from megatron.core.transformer import TransformerConfig
 
-    dtype = _DTYPES[params_dtype]
+    dtype = PARAMS_DTYPES[params_dtype]
     kw = dict(
         num_layers=v.depth, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_size(tp),
         num_attention_heads=v.num_heads, num_query_groups=v.num_heads, kv_channels=v.head_dim,

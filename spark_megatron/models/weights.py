@@ -67,10 +67,6 @@ class HFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def file_name(self, name: str) -> str:
-        """The name the tensor has in the checkpoint files (differs from `name` under a non-canonical scheme)."""
-        return self._raw[name]
-
     def info(self, name: str) -> TensorInfo:
         if name not in self._where:
             raise CheckpointError(f"{self.dir}: tensor '{name}' not in checkpoint")
@@ -127,13 +123,16 @@ def global_param_names(model, layer_prefix: Optional[str] = None) -> Iterator[tu
         yield name, p
 
 
-def _tp():
+def tp_rank_and_size() -> tuple:
+    """(this rank's tensor-parallel rank, the tensor-parallel size)."""
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _mapping_for(registry: MappingRegistry, name: str, tied: bool):
+def mapping_for(registry: MappingRegistry, name: str, tied: bool):
+    """The mapping of a Megatron parameter name (canonical spelling; with tied embeddings, the last pipeline
+    stage's own copy of the embedding maps as the embedding)."""
     from spark_megatron.models.qwen2_mapping import canonical_megatron_name
 
     name = canonical_megatron_name(name)
@@ -148,10 +147,10 @@ def load_hf_weights(model, reader: HFCheckpointReader, registry: MappingRegistry
 
     Returns the number of parameters loaded; raises MappingError/CheckpointError naming the tensor on mismatch.
     """
-    tp_rank, tp_size = _tp()
+    tp_rank, tp_size = tp_rank_and_size()
     loaded = 0
     for name, param in global_param_names(model):
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         _, hf_names = mapping.resolve(layer)
         fill_shard(param, [reader.get(h) for h in hf_names], mapping, tp_rank, tp_size, name, hf_names)
         loaded += 1
@@ -218,7 +217,7 @@ def export_hf_weights(model, registry: MappingRegistry, tied: bool = False,
     for name, param in global_param_names(model):
         if tied and name.endswith("output_layer.weight"):
             continue  # HF ties lm_head to the embedding; the first stage exports it
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         full = gather_tp(param.detach(), mapping)
         _, hf_names = mapping.resolve(layer)
         for hf_name, t in zip(hf_names, mapping.full_to_hf(full)):

@@ -1,1 +1,2 @@
-"""Process groups, the CPU/gloo compatibility layer, and vocab-parallel helpers."""
+"""Process groups, the CPU/gloo compatibility layer for megatron-core, micro-batched runs through megatron's
+pipeline schedules, the rank spawner and rank status files."""

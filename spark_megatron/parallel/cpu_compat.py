@@ -16,7 +16,6 @@ The mode is thread-local: call :func:`enable` in each worker process/thread that
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -182,14 +181,3 @@ def disable() -> None:
 def compute_device() -> torch.device:
     """The device Megatron modules live on in this process."""
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else _CPU
-
-
-def on_compute_device(fn):
-    """Decorator: run `fn` with the CPU shims enabled when CUDA is absent."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
-        enable()
-        return fn(*a, **k)
-
-    return wrapper

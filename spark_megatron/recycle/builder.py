@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from spark_megatron.recycle import question as q
+from spark_megatron.data import question as q
 from spark_megatron.recycle import templates
 from spark_megatron.recycle.fitting import PromptFitter, Quoted
 from spark_megatron.types import Prompt, Rollout, RolloutGroup, TaskKind

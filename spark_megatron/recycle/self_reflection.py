@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from spark_megatron.recycle import question as q
+from spark_megatron.data import question as q
 from spark_megatron.recycle import templates
 from spark_megatron.types import Prompt
 from spark_megatron.verify.choice import choice_label

@@ -1,8 +1,9 @@
 """The rollout-engine contract: sampling spec, prompt rendering, the RolloutEngine protocol, weight versioning.
 
 Engines (vLLM, HF reference) turn prompts into typed `Rollout`s, score fixed token sequences, and take weight
-updates as streams of (hf_name, tensor). Every update goes through `spark_megatron.sync` (validate the whole
-update, then load bucket by bucket) and stamps a policy version that every later rollout carries.
+updates bucket by bucket through the loading interface `spark_megatron.sync.push.WeightLoader` declares (this
+package does not import sync: the roles wrap an engine in a `sync.EngineSink`, which validates the whole update
+first). A committed update stamps a policy version that every later rollout carries.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
-from spark_megatron.types import ImageRef, Prompt
+from spark_megatron.types import Prompt
 
 
 class EngineStateError(RuntimeError):
@@ -35,13 +36,6 @@ class SamplingSpec:
     """Stop strings (excluded from the text, as vLLM does); EOS always stops."""
     repetition_penalty: float = 1.0
     """HF/vLLM repetition penalty over prompt and generated tokens (1.0 = off; the SPARK evaluation uses 1.05)."""
-
-    @classmethod
-    def from_config(cls, cfg, **overrides) -> "SamplingSpec":
-        """From a RolloutConfig (n, temperature, top_p, max_response_tokens), then keyword overrides."""
-        base = dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens)
-        base.update(overrides)
-        return cls(**base)
 
     @property
     def greedy(self) -> bool:
@@ -79,28 +73,6 @@ class ChatRenderer:
         return TokenizedRequest(request, ids, list(request.images))
 
 
-def load_image(ref) -> "object":
-    """ImageRef -> RGB PIL image (already loaded images pass through). VL engines may pass their own loader."""
-    if not isinstance(ref, ImageRef):
-        return ref
-    from PIL import Image
-
-    with Image.open(ref.path) as im:
-        return im.convert("RGB")
-
-
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-"""Placeholders of Qwen2.5-VL prompts: a response must never contain them (the actor would have to embed an image
-there), so VL engines suppress them when sampling; the reported logprobs stay the raw model's."""
-
-
-def vision_token_ids(tokenizer) -> list:
-    """Ids of VISION_TOKENS that the tokenizer knows (empty for a tokenizer without them)."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    return [int(i) for i in ids if i is not None and i != unk]
-
-
 def token_request(token_ids: Sequence[int], uid: str = "tokens") -> TokenizedRequest:
     """A request given only as token ids (a placeholder Prompt carries the uid)."""
     return TokenizedRequest(Prompt(uid=uid, messages=[], ground_truth=""), list(token_ids))
@@ -122,22 +94,16 @@ class RolloutEngine(Protocol):
     def score(self, sequences: Sequence[Sequence[int]]) -> list:
         """-> per sequence a float32 tensor [len - 1]: log p(token[t+1] | tokens[:t+1])."""
 
-    def update_weights(self, weights, version: int) -> None:
-        """Load a full set of HF-named tensors (validated as a whole first); records `version`."""
-
-    def weight_sink(self):
-        """The spark_megatron.sync WeightSink that loads a push into this engine (pass it to
-        `push_actor_weights(..., sink=engine.weight_sink())` on the rank that holds the engine)."""
-
     def sleep(self, level: int = 1) -> None: ...
 
     def wake_up(self, tags: Optional[list] = None) -> None: ...
 
 
 class WeightVersioning:
-    """Shared weight-update bookkeeping of in-process engines: version, stale state after a failed push, asleep
-    flag. Subclasses provide `expected_weights()` and `load_bucket(named_tensors)`, which `EngineSink` calls
-    between `begin_update` and `finish_update` / `abort_update`."""
+    """Shared weight-update bookkeeping of in-process engines (the `sync.push.WeightLoader` side): version, stale
+    state after a failed push, asleep flag. Subclasses provide `hf_dir`, `dtype`, `packed_modules()` and
+    `load_bucket(named_tensors)`, which a `sync.EngineSink` calls between `begin_update` and `finish_update` /
+    `abort_update`."""
 
     policy_version: int = 0
     bucket_bytes: int = 512 << 20
@@ -149,16 +115,9 @@ class WeightVersioning:
         self.asleep: Optional[int] = None
         self._updating: Optional[int] = None
 
-    def weight_sink(self):
-        from spark_megatron.sync.push import EngineSink
-
-        return EngineSink(self)
-
-    def update_weights(self, weights, version: int, bucket_bytes: Optional[int] = None):
-        """Validate the whole update against the engine's table, then load it bucket by bucket."""
-        from spark_megatron.sync.push import push_source
-
-        return push_source([self.weight_sink()], weights, version, bucket_bytes or self.bucket_bytes)
+    def packed_modules(self):
+        """The engine's module fusion table; None = sync's default (Qwen2's q/k/v and gate/up)."""
+        return None
 
     def begin_update(self, version: int) -> None:
         self._updating = version
@@ -181,24 +140,11 @@ class WeightVersioning:
             raise EngineStateError(f"engine is asleep (level {self.asleep}); call wake_up() first")
 
 
-def build_engine(cfg, hf_dir, own_process: Optional[bool] = None, **kwargs) -> RolloutEngine:
-    """RolloutConfig + HF directory -> engine (`cfg.engine`: vllm | hf). kwargs go to the engine class.
-
-    `own_process`: run the engine in a spawned process behind a `RemoteEngine` proxy. Default (None): for vLLM
-    without CUDA inside an initialised torch.distributed world of more than one rank, where an in-process vLLM
-    would hang building its own world group; in-process otherwise.
-    """
+def build_engine(cfg, hf_dir, **kwargs) -> RolloutEngine:
+    """RolloutConfig + HF directory -> an engine in this process (`cfg.engine`: vllm | hf); kwargs go to the
+    engine class. An engine in its own process: `spark_megatron.sync.remote.RemoteEngine`."""
     if cfg.engine not in ("vllm", "hf"):
         raise ValueError(f"rollout.engine must be 'vllm' or 'hf', got '{cfg.engine}'")
-    if own_process is None:
-        import torch.distributed as dist
-
-        own_process = cfg.engine == "vllm" and not torch.cuda.is_available() and dist.is_initialized() \
-            and dist.get_world_size() > 1
-    if own_process:
-        from spark_megatron.rollout.remote import RemoteEngine
-
-        return RemoteEngine(cfg, hf_dir, **kwargs)
     if cfg.engine == "vllm":
         from spark_megatron.rollout.vllm_engine import VLLMEngine
 

@@ -5,13 +5,14 @@ Every rank of the job builds its part of one engine and calls every method with 
   engines' leaders send their groups to rank 0, which returns all of them in prompt order (the controller's
   verifier and queue live there);
 - `score`, `sleep`, `wake_weights`, `wake_kv`: this rank's engine part;
-- `push`: the actor's weights into every engine (`sync.push_actor_weights`, delivery "colocated").
+- `load_weights`: runs the roles' push of the actor's weights into this rank's engine part (`roles.py`:
+  `sync.push_actor_weights`, delivery "colocated").
 Each call runs under the engine watch (deadline, one-line failure) and is appended to `calls`, so the order of
 sleep / wake / push / generate is visible (and tested) also on CPU, where vLLM has no sleep mode.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from spark_megatron.rollout.layout import RolloutLayout, gather_in_order, split_prompts
 from spark_megatron.rollout.watch import EngineWatch
@@ -83,21 +84,19 @@ class EngineFleet:
             self.engine.wake_up(["kv_cache"])
 
     # ------------------------------------------------------------------------------------------ weights
-    def push(self, actor, version: int, bucket_bytes: int, tracker=None):
-        """Every rank streams its shards; every engine loads every HF tensor (see rollout/layout.py).
-        `tracker`: a sync.LiveBytes that measures the push's extra memory on this rank."""
-        from spark_megatron.sync import push_actor_weights
-        from spark_megatron.sync.push import WeightSyncError
-        from spark_megatron.sync.validation import WeightValidationError
+    def shard_reads(self) -> Optional[Callable]:
+        """hf_name -> what of the full tensor this rank's engine part reads (see sync.blocks): whole tensors at
+        rollout TP 1, the engine's own rule (`shard_reads`) above; None where the engine has no rule."""
+        if self.layout.rollout_tp == 1:
+            return lambda name: "whole"
+        return getattr(self.engine, "shard_reads", None)
 
+    def load_weights(self, version: int, push: Callable, passthrough: tuple = ()):
+        """Run `push()` (every rank streams the actor's shards into its engine part; see roles.py) under the
+        watch; exceptions in `passthrough` (a rejected or failed push) keep their type. -> push's result."""
         self.calls.append(("push", version))
-        reads = getattr(self.engine, "shard_reads", None) if self.layout.rollout_tp > 1 else (lambda name: "whole")
-        with self.watch("push", passthrough=(WeightValidationError, WeightSyncError)):
-            self.last_push = push_actor_weights(
-                actor.model_chunks, actor.family.mappings(actor.shape), version, bucket_bytes,
-                sink=self.engine.weight_sink(), tied=actor.shape.tie_word_embeddings,
-                dtype=getattr(self.engine, "dtype", None), delivery="colocated",
-                engine_tp=self.layout.rollout_tp, engine_reads=reads, tracker=tracker)
+        with self.watch("push", passthrough=passthrough):
+            self.last_push = push()
         return self.last_push
 
     def shutdown(self) -> None:

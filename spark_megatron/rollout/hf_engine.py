@@ -18,8 +18,9 @@ from typing import Optional, Sequence
 import torch
 
 from spark_megatron.rollout.engine import (ChatRenderer, EngineStateError, SamplingSpec, TokenizedRequest,
-                                           WeightVersioning, logprobs_from_logits, vision_token_ids)
+                                           WeightVersioning, logprobs_from_logits)
 from spark_megatron.types import Rollout, RolloutGroup
+from spark_megatron.vision.tokens import vision_token_ids
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,18 +48,10 @@ class HFEngine(WeightVersioning):
         self.renderer = ChatRenderer(self.tokenizer, getattr(cfg, "max_prompt_tokens", None))
         mb = getattr(cfg, "sync_bucket_mb", 512)
         self._init_versioning(bucket_bytes or mb << 20)
-        self._expected = None
         self._params = None
         self._seeds = torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------------------------------ weights
-    def expected_weights(self):
-        from spark_megatron.sync.validation import ExpectedWeights
-
-        if self._expected is None:
-            self._expected = ExpectedWeights.from_hf_dir(self.hf_dir, self.dtype)
-        return self._expected
-
     @torch.no_grad()
     def load_bucket(self, named_tensors: list) -> None:
         if self._params is None:
@@ -68,7 +61,7 @@ class HFEngine(WeightVersioning):
                 params["lm_head.weight"] = self.model.get_output_embeddings().weight
             # keyed by checkpoint name: what pushes (and the validation table) use
             by_module = self.vision.module_name if self.vision is not None else (lambda n: n)
-            self._params = {n: params[by_module(n)] for n in self.expected_weights().specs}
+            self._params = {n: params[by_module(n)] for n in _checkpoint_names(self.hf_dir)}
         for name, t in named_tensors:
             self._params[name].copy_(t)
 
@@ -152,6 +145,13 @@ class HFEngine(WeightVersioning):
                        response_text=text, logprobs=lps, finish_reason=finish, policy_version=self.policy_version)
 
 
+def _checkpoint_names(hf_dir: str) -> list:
+    """Tensor names of a safetensors checkpoint (headers only)."""
+    from spark_megatron.models.weights import HFCheckpointReader
+
+    return list(HFCheckpointReader(hf_dir).keys())
+
+
 def _causal_lm():
     from transformers import AutoModelForCausalLM
 
@@ -167,7 +167,7 @@ class _VisionInputs:
         self.preprocessor = ImagePreprocessor(hf_dir)
         self.image_token_id = int(config.image_token_id)
         self.suppressed = vision_token_ids(tokenizer)
-        """Vision placeholder ids, never sampled (see rollout.engine.VISION_TOKENS)."""
+        """Vision placeholder ids, never sampled (see vision.tokens.VISION_TOKENS)."""
 
     @staticmethod
     def model_class():

@@ -5,7 +5,8 @@ Placements:
   (VLLM_ENABLE_V1_MULTIPROCESSING=0), enforce_eager, capped KV cache; sleep mode is not supported there, so
   sleep()/wake_up() only flip a flag. GPU: TP1 runs in-process too; TP>1 uses vLLM's multiprocess executor and
   buckets reach the workers as CUDA IPC handles through `SparkWorkerExtension` (GPU path, unverified here).
-  Disaggregated rollout = standalone engines fed over a `spark_megatron.sync.channel.SyncChannel`.
+  Disaggregated rollout = standalone engines fed over a `spark_megatron.sync.channel.SyncChannel`
+  (`spark_megatron.sync.remote.RemoteEngine`).
 - "colocated": every rank of the trainer's job builds its part of an engine, `distributed_executor_backend=
   "external_launcher"` over the job's existing torch.distributed world (world = rollout TP x engines, vLLM's
   data_parallel_size = engines; engine e = ranks [e x TP, (e + 1) x TP)). All ranks must build it together and
@@ -24,9 +25,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from spark_megatron.rollout.engine import (ChatRenderer, EngineStateError, SamplingSpec, WeightVersioning,
-                                           load_image, vision_token_ids)
+from spark_megatron.rollout.engine import ChatRenderer, EngineStateError, SamplingSpec, WeightVersioning
 from spark_megatron.types import Rollout, RolloutGroup
+from spark_megatron.vision.images import load_image
+from spark_megatron.vision.tokens import vision_token_ids
 
 _CPU_KV_CACHE_BYTES = 64 << 20
 _CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -74,7 +76,6 @@ class VLLMEngine(WeightVersioning):
         self.renderer = ChatRenderer(self._llm.get_tokenizer(), cfg.max_prompt_tokens)
         self._suppressed = {i: -100.0 for i in vision_token_ids(self._llm.get_tokenizer())} \
             if self.is_multimodal else None
-        self._expected = None
         self._reset_caches_on_wake = False
 
     def _build(self, dtype: str, seed: int, extra: dict):
@@ -91,7 +92,7 @@ class VLLMEngine(WeightVersioning):
         # temperature, as the trainer scores them); vLLM's default (raw_logprobs) is the untempered model
         kw = dict(model=self.hf_dir, dtype=dtype, seed=seed, tensor_parallel_size=self.cfg.tensor_parallel_size,
                   enforce_eager=self.cfg.enforce_eager or not _cuda(), max_model_len=max_len,
-                  logprobs_mode="processed_logprobs")
+                  logprobs_mode="processed_logprobs", use_tqdm_on_load=False)
         if _cuda():
             kw.update(gpu_memory_utilization=self.cfg.gpu_memory_utilization, enable_sleep_mode=True)
             if self.cfg.tensor_parallel_size > 1 and self.placement == "standalone":
@@ -128,14 +129,10 @@ class VLLMEngine(WeightVersioning):
         return self.placement == "colocated" or self.cfg.tensor_parallel_size == 1 or not _cuda()
 
     # ------------------------------------------------------------------------------------------ weights
-    def expected_weights(self):
-        from spark_megatron.sync.validation import ExpectedWeights
-
-        if self._expected is None:
-            packed = self._llm.apply_model(lambda m: dict(getattr(m, "packed_modules_mapping", {}) or {}))[0]
-            self._expected = ExpectedWeights.from_hf_dir(self.hf_dir, self.dtype,
-                                                         {k: tuple(v) for k, v in packed.items()} or None)
-        return self._expected
+    def packed_modules(self):
+        """vLLM's module fusion table of the loaded model (None when it fuses nothing)."""
+        packed = self._llm.apply_model(lambda m: dict(getattr(m, "packed_modules_mapping", {}) or {}))[0]
+        return {k: tuple(v) for k, v in packed.items()} or None
 
     def shard_reads(self, name: str):
         """What of the full HF tensor `name` this rank's vLLM weight loader reads at TP > 1: an int d = block

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from spark_megatron.parallel.cpu_compat import compute_device
 from spark_megatron.sync.blocks import BlockExchange, block_kind, fill_own_block, staging_need
 from spark_megatron.sync.bucket import BucketBuffer, LiveBytes, PooledBuffer
 from spark_megatron.sync.manifest import SyncPlan, plan_buckets, stage_specs
@@ -39,12 +40,6 @@ def _fingerprint(obj) -> int:
     return int.from_bytes(hashlib.blake2b(repr(obj).encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _device():
-    from spark_megatron.parallel.cpu_compat import compute_device
-
-    return compute_device()
-
-
 def actor_plan(model_chunks: Sequence, registry, bucket_bytes: int, tied: bool = False,
                dtype: Optional[torch.dtype] = None, local: Optional[list] = None) -> SyncPlan:
     """The global plan of an actor push (all ranks call; metadata only).
@@ -66,7 +61,7 @@ def _plan_with_kinds(local: list, kinds: Optional[list], bucket_bytes: int) -> t
 
     me = (dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
           ps.get_data_parallel_rank(with_context_parallel=True), local, kinds)
-    mine = torch.tensor([_fingerprint((me, bucket_bytes))], dtype=torch.int64, device=_device())
+    mine = torch.tensor([_fingerprint((me, bucket_bytes))], dtype=torch.int64, device=compute_device())
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     key = tuple(int(t.item()) for t in every)
@@ -98,7 +93,7 @@ def _agree(error: Optional[str]) -> Optional[str]:
     all_reduce when nobody failed; the messages travel only when someone did."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if error else 0], dtype=torch.int64, device=_device())
+    flag = torch.tensor([1 if error else 0], dtype=torch.int64, device=compute_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not int(flag.item()):
         return None
@@ -124,7 +119,7 @@ class _ActorPush:
             if exporting else {}
         needs_buffer = sink is not None or delivery != "to_rank0" or any(
             p.leader == self.rank for p in plan.sources)
-        self.buf = BucketBuffer(plan, _device(), tracker) if needs_buffer else None
+        self.buf = BucketBuffer(plan, compute_device(), tracker) if needs_buffer else None
         self.starts = self._job_starts()
         block_need = staging_need(plan, self.kinds, ps.get_tensor_model_parallel_world_size()) \
             if ps.get_pipeline_model_parallel_world_size() > 1 else 0
@@ -169,13 +164,13 @@ class _ActorPush:
         staging = None
         if tp_rank == 0:
             need = max([js.staging_bytes(start, n) for js, start, n in slices] + [block_need])
-            return (PooledBuffer("staging", need, _device()) if need else None), None
+            return (PooledBuffer("staging", need, compute_device()) if need else None), None
         if block_need:
-            staging = PooledBuffer("staging", block_need, _device())
+            staging = PooledBuffer("staging", block_need, compute_device())
         need = max((js.pack_bytes(start, n, tp_rank) for js, start, n in slices), default=0)
         if not need or self.buf is not None:
             return staging, None
-        return staging, PooledBuffer("pack", need, _device(), tracker)
+        return staging, PooledBuffer("pack", need, compute_device(), tracker)
 
     def _produce(self, bucket, bp, prod: _Producer) -> None:
         pack = self.pack.buffer if self.pack else (self.buf.buffer if self.buf is not None else None)

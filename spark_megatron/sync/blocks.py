@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from spark_megatron.sync.manifest import _aligned
+from spark_megatron.sync.manifest import aligned
 
 
 def block_kind(job, tp: int, engine_tp: int, engine_reads: Optional[Callable]):
@@ -74,10 +74,10 @@ def fill_own_block(job, view: torch.Tensor, kind, tp_rank: int) -> None:
 def staging_need(plan, kinds: dict, tp: int) -> int:
     """Staging bytes for blocks that are not contiguous in their bucket view (dim > 0): a bucket's such blocks
     together, up to the largest HF tensor of the plan (the tensor-in-hand allowance; larger sets go in waves)."""
-    largest = max((_aligned(s.nbytes) for s in plan.specs), default=0)
+    largest = max((aligned(s.nbytes) for s in plan.specs), default=0)
     need = 0
     for bp in plan.buckets:
-        staged = sum(_aligned(spec.nbytes // tp) for i, spec in enumerate(bp.specs)
+        staged = sum(aligned(spec.nbytes // tp) for i, spec in enumerate(bp.specs)
                      if _staged_kind(kinds.get((bp.index, i))))
         need = max(need, min(staged, largest))
     return need
@@ -141,7 +141,7 @@ class BlockExchange:
 
         waves, cur, used = [], [], 0
         for tag, block in staged:
-            need = _aligned(block.numel() * block.element_size())
+            need = aligned(block.numel() * block.element_size())
             if cur and used + need > staging.numel():
                 waves.append(cur)
                 cur, used = [], 0

@@ -44,10 +44,6 @@ class LiveBytes:
         self.largest_transient = max(self.largest_transient, transient_bytes)
         self.peak = max(self.peak, self.live + transient_bytes)
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-        self.largest_transient = 0
-
 
 @dataclass
 class Bucket:

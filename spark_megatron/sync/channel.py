@@ -23,7 +23,7 @@ import torch
 
 from spark_megatron.sync.bucket import BucketBuffer
 from spark_megatron.sync.manifest import SyncPlan
-from spark_megatron.sync.push import EngineSink, WeightSyncError, begin_all
+from spark_megatron.sync.push import WeightSyncError, begin_all
 from spark_megatron.sync.validation import WeightValidationError
 
 _ABORT = -1
@@ -203,9 +203,8 @@ def _receive_buckets(channel: SyncChannel, sinks: list, plan: SyncPlan) -> tuple
     return idx == _ABORT, failure
 
 
-def _apply_push(channel: SyncChannel, engines: Sequence, plan: SyncPlan, version: int, require_all: bool) -> str:
+def _apply_push(channel: SyncChannel, sinks: Sequence, plan: SyncPlan, version: int) -> str:
     """One push on an engine member: 'rejected', 'failed', 'aborted' or 'committed'."""
-    sinks = [EngineSink(e, require_all) for e in engines]
     mine = None
     try:
         begin_all(sinks, plan, version)
@@ -229,26 +228,27 @@ def _apply_push(channel: SyncChannel, engines: Sequence, plan: SyncPlan, version
     return "failed" if failure else "committed"
 
 
-def serve_one_push(channel: SyncChannel, engines: Sequence, require_all: bool = True) -> Optional[tuple]:
-    """Engine-process side: apply the next push arriving on the channel -> (outcome, version), or None when the
-    actor closed the channel. Outcomes: committed | rejected | failed | aborted."""
+def serve_one_push(channel: SyncChannel, sinks: Sequence) -> Optional[tuple]:
+    """Engine-process side: apply the next push arriving on the channel to `sinks` (an `EngineSink` per engine)
+    -> (outcome, version), or None when the actor closed the channel. Outcomes: committed | rejected | failed |
+    aborted."""
     msg = channel.recv_obj(src=0)
     if msg["op"] == "close":
         return None
     if msg["op"] != "begin":
         raise WeightSyncError(f"unexpected channel message {msg['op']!r}")
-    return _apply_push(channel, engines, msg["plan"], msg["version"], require_all), msg["version"]
+    return _apply_push(channel, sinks, msg["plan"], msg["version"]), msg["version"]
 
 
-def serve_weight_updates(channel: SyncChannel, engines: Sequence, on_commit: Optional[Callable] = None,
-                         require_all: bool = True) -> dict:
-    """Engine-process side: apply every push arriving on the channel to `engines` until the actor closes it.
+def serve_weight_updates(channel: SyncChannel, sinks: Sequence, on_commit: Optional[Callable] = None) -> dict:
+    """Engine-process side: apply every push arriving on the channel to `sinks` (an `EngineSink` per engine)
+    until the actor closes it.
 
     `on_commit(version)` runs after each committed push (tests probe the engines there). Rejected plans are
     answered with the validation error and leave the engines untouched. Returns counts per outcome.
     """
     outcomes: dict = {}
-    while (result := serve_one_push(channel, engines, require_all)) is not None:
+    while (result := serve_one_push(channel, sinks)) is not None:
         outcome, version = result
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "committed" and on_commit is not None:

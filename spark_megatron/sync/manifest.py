@@ -94,7 +94,8 @@ def reload_units(specs: Sequence[TensorSpec], packed: Mapping = DEFAULT_PACKED_M
     return [tuple(u[1]) for u in units]
 
 
-def _aligned(n: int) -> int:
+def aligned(n: int) -> int:
+    """`n` bytes rounded up to the alignment every tensor starts at in a bucket (ALIGN_BYTES)."""
     return -(-n // ALIGN_BYTES) * ALIGN_BYTES
 
 
@@ -145,14 +146,14 @@ def plan_buckets(streams: Sequence[Sequence[TensorSpec]], bucket_bytes: int, sou
     for src_idx, specs in enumerate(streams):
         cur, offsets, size = [], [], 0
         for unit in reload_units(specs, packed):
-            unit_bytes = sum(_aligned(s.nbytes) for s in unit)
+            unit_bytes = sum(aligned(s.nbytes) for s in unit)
             if cur and size + unit_bytes > bucket_bytes:
                 buckets.append(BucketPlan(len(buckets), tuple(cur), tuple(offsets), size, src_idx))
                 cur, offsets, size = [], [], 0
             for s in unit:
                 cur.append(s)
                 offsets.append(size)
-                size += _aligned(s.nbytes)
+                size += aligned(s.nbytes)
         if cur:
             buckets.append(BucketPlan(len(buckets), tuple(cur), tuple(offsets), size, src_idx))
     return SyncPlan(tuple(buckets), bucket_bytes, tuple(sources) if sources is not None
@@ -167,14 +168,14 @@ def stage_specs(model, registry, tied: bool = False, dtype: Optional[torch.dtype
     """
     from megatron.core import parallel_state as ps
 
-    from spark_megatron.models.weights import _mapping_for, global_param_names
+    from spark_megatron.models.weights import mapping_for, global_param_names
 
     tp = ps.get_tensor_model_parallel_world_size()
     out = []
     for name, param in global_param_names(model):
         if tied and name.endswith("output_layer.weight"):
             continue
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         shape = list(param.shape)
         if mapping.tp_dim is not None and tp > 1:
             shape[mapping.tp_dim] *= tp

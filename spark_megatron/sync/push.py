@@ -14,10 +14,15 @@ Delivery for Megatron actors (`push_actor_weights`):
   as the engine's blocks stay where they are or travel as blocks (`sync.blocks`), the rest is broadcast.
 TP shards are assembled into full HF tensors on each stage's leader (`sync.reshard`), so the engine's TP size is
 independent of the actor's.
+
+Engines take part through `WeightLoader`, declared here: the rollout engines implement it without importing this
+package, and whoever holds an engine (the roles, a test, the engine process of `sync.remote`) wraps it in an
+`EngineSink`.
 """
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Protocol, Sequence
 
@@ -25,7 +30,7 @@ import torch
 
 from spark_megatron.sync.bucket import Bucket, BucketBuffer, LiveBytes
 from spark_megatron.sync.manifest import SyncPlan, TensorSpec, grouped_by_module, plan_buckets
-from spark_megatron.sync.validation import WeightValidationError
+from spark_megatron.sync.validation import ExpectedWeights
 
 
 class WeightSyncError(RuntimeError):
@@ -44,17 +49,54 @@ class WeightSink(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
+class WeightLoader(Protocol):
+    """What a push needs from an in-process engine (the rollout engines implement it)."""
+
+    hf_dir: str
+    """The engine's HF checkpoint: its tensor names and shapes are what a push must match."""
+    dtype: torch.dtype
+    """The engine's compute dtype: every pushed tensor must have it."""
+
+    def packed_modules(self) -> Optional[Mapping]:
+        """The engine's module fusion table (vLLM `packed_modules_mapping`), None for the default."""
+
+    def begin_update(self, version: int) -> None:
+        """A validated push starts (wake the weights if asleep)."""
+
+    def load_bucket(self, named_tensors: list) -> None:
+        """Load [(hf_name, tensor)] whole engine modules."""
+
+    def finish_update(self, version: int) -> None:
+        """Every bucket arrived: serve `version` from now on."""
+
+    def abort_update(self, reason: str, dirty: bool) -> None:
+        """The push was cancelled; `dirty`: some bucket was already written (the engine must refuse to serve)."""
+
+
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def expected_weights(engine: WeightLoader) -> ExpectedWeights:
+    """The table a push into `engine` is validated against, from its own checkpoint (built once per engine)."""
+    table = _TABLES.get(engine)
+    if table is None:
+        table = _TABLES[engine] = ExpectedWeights.from_hf_dir(engine.hf_dir, engine.dtype, engine.packed_modules())
+    return table
+
+
 class EngineSink:
     """Validates a plan against an engine's weight table, then loads buckets into it."""
 
-    def __init__(self, engine, require_all: bool = True):
+    def __init__(self, engine: WeightLoader, require_all: bool = True, expected: Optional[ExpectedWeights] = None):
+        """`expected`: the table to validate against (default: the engine's checkpoint, `expected_weights`)."""
         self.engine = engine
         self.require_all = require_all
+        self.expected = expected
         self._plan: Optional[SyncPlan] = None
         self._next = 0
 
     def begin(self, plan: SyncPlan, version: int) -> None:
-        self.engine.expected_weights().check_plan(plan, self.require_all)
+        (self.expected or expected_weights(self.engine)).check_plan(plan, self.require_all)
         self._plan, self._next = plan, 0
         self.engine.begin_update(version)
 
@@ -116,10 +158,6 @@ class PushStats:
     bucket_capacity: int = 0
     received_bytes: int = 0
     """Bytes this rank received from other ranks (actor pushes: TP assembly, broadcasts, blocks)."""
-
-    @property
-    def bytes_per_s(self) -> float:
-        return self.bytes / self.seconds if self.seconds > 0 else float("nan")
 
 
 def begin_all(sinks: Sequence[WeightSink], plan: SyncPlan, version: int) -> None:
@@ -248,6 +286,7 @@ def push_source(sinks: Sequence[WeightSink], weights, version: int, bucket_bytes
     return stats
 
 
-# ------------------------------------------------------------------------------------------ Megatron actors
-# (in sync/actor.py; re-exported here, where callers have always imported them from)
-from spark_megatron.sync.actor import actor_plan, push_actor_weights  # noqa: E402,F401
+def push_into(engine: WeightLoader, weights, version: int, bucket_bytes: Optional[int] = None) -> PushStats:
+    """Validate a full set of named tensors against one in-process engine, then load it bucket by bucket."""
+    return push_source([EngineSink(engine)], weights, version, bucket_bytes or getattr(engine, "bucket_bytes",
+                                                                                        512 << 20))

@@ -22,7 +22,7 @@ import torch
 
 from spark_megatron.models.layout import (OutputLayout, Segment, derive_layout, hf_shapes,  # noqa: F401
                                           layout_fits)
-from spark_megatron.sync.manifest import TensorSpec, _aligned
+from spark_megatron.sync.manifest import TensorSpec, aligned
 
 
 # ------------------------------------------------------------------------------------------ per-stage jobs
@@ -77,13 +77,13 @@ class HFJob:
 
 def stage_jobs(model, registry, tied: bool, dtype: Optional[torch.dtype], tp: int) -> list:
     """The HF tensors `export_hf_weights` streams for this stage, in its order, each with its layout."""
-    from spark_megatron.models.weights import _mapping_for, global_param_names
+    from spark_megatron.models.weights import mapping_for, global_param_names
 
     jobs = []
     for index, (name, param) in enumerate(global_param_names(model)):
         if tied and name.endswith("output_layer.weight"):
             continue  # HF ties lm_head to the embedding; the first stage exports it
-        mapping, layer = _mapping_for(registry, name, tied)
+        mapping, layer = mapping_for(registry, name, tied)
         shard_shape = tuple(int(d) for d in param.shape)
         shapes = hf_shapes(mapping, shard_shape, tp)
         layout = derive_layout(mapping, shard_shape, tp)
@@ -141,7 +141,7 @@ class StageJobs(list):
 
     def pack_bytes(self, start: int, n: int, rank: int) -> int:
         """Bytes TP rank `rank` packs for this slice (segments it cannot send straight from its shard)."""
-        return sum(_aligned(self[start + i].seg_nbytes(seg)) for _, i, seg in self.messages(start, n)
+        return sum(aligned(self[start + i].seg_nbytes(seg)) for _, i, seg in self.messages(start, n)
                    if seg.rank == rank and not self[start + i].direct_source(seg))
 
     def staging_bytes(self, start: int, n: int) -> int:
@@ -149,7 +149,7 @@ class StageJobs(list):
         allowance of the memory bound), or 0 when no segment needs staging. Staged segments go in waves."""
         if not any(self[start + i].staged(seg) for _, i, seg in self.messages(start, n)):
             return 0
-        return max(_aligned(j.spec.nbytes) for j in self[start:start + n])
+        return max(aligned(j.spec.nbytes) for j in self[start:start + n])
 
 
 _JOBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -272,7 +272,7 @@ class StageResharder:
             held = staging[off:off + nbytes].view(target.dtype).view(target.shape)
             work = dist.irecv(held, self.ranks[rank], group=self.group, tag=self._tag_base + tag)
             out.append((work, held, target))
-            off += _aligned(nbytes)
+            off += aligned(nbytes)
         if self.tracker is not None:
             self.tracker.observe(off)
         return out
@@ -296,7 +296,7 @@ class StageResharder:
                 nbytes = job.seg_nbytes(seg)
                 t, queue = pack[off:off + nbytes].view(job.spec.dtype).view(job.seg_shape(seg)), self._packed_in_flight
                 job.copy_runs(seg, t)
-                off += _aligned(nbytes)
+                off += aligned(nbytes)
             queue.append(dist.isend(t, self.ranks[0], group=self.group, tag=self._tag_base + tag))
 
     @staticmethod
@@ -334,7 +334,7 @@ def _waves(staged: list, capacity: int) -> list:
     """Group staged receives, in order, into waves that fit the staging buffer together."""
     waves, cur, used = [], [], 0
     for item in staged:
-        need = _aligned(item[2])
+        need = aligned(item[2])
         if cur and used + need > capacity:
             waves.append(cur)
             cur, used = [], 0

@@ -22,16 +22,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
+from spark_megatron.parallel.cpu_compat import compute_device
 from spark_megatron.train import batching, vl_inputs
 from spark_megatron.train.batching import SequenceSample
 from spark_megatron.train.logprobs import vocab_parallel_logprobs
-from spark_megatron.train.schedule import run_schedule
+from spark_megatron.parallel.schedule import run_schedule
 from spark_megatron.train.vl_inputs import image_scoped
+
+class StartCheckpoint(Protocol):
+    """Weights a stage starts from instead of an HF directory (a Megatron checkpoint, `model.megatron_path`):
+    the roles pass one in, so the trainer does not depend on checkpoint formats."""
+
+    hf_config: dict
+    """The HF config the weights were written from (picks the model family and shape)."""
+    source: str
+    """Names the checkpoint in errors."""
+
+    def load_into(self, stage) -> None:
+        """Load this rank's part of the weights into the stage (any TP/PP)."""
+
 
 LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], dict], tuple]
 """(logprobs [b, s], entropy [b, s] or None, mb_extras {name: tensor}) -> (loss 0-d, {metric: 0-d tensor})."""
@@ -43,13 +57,7 @@ def _ps():
     return ps
 
 
-def _device() -> torch.device:
-    from spark_megatron.parallel.cpu_compat import compute_device
-
-    return compute_device()
-
-
-class _LogprobRunner:
+class LogprobRunner:
     """Builds this rank's pipeline stage from an HF (or Megatron) checkpoint and scores sequences with it.
 
     Shared by Actor (trainable, DDP-wrapped) and ReferenceModel (frozen). The family (text Qwen2 or
@@ -58,7 +66,9 @@ class _LogprobRunner:
     """
 
     def __init__(self, model_cfg, parallel_cfg, hf_dir: Optional[str] = None, micro_batch_size: int = 1,
-                 logit_temperature: float = 1.0, cache_images: bool = True):
+                 logit_temperature: float = 1.0, cache_images: bool = True,
+                 start: Optional[StartCheckpoint] = None):
+        """`start`: the checkpoint to load instead of `hf_dir`'s weights (required with model.megatron_path)."""
         from spark_megatron.models.families import family_for_config, load_family, read_hf_config
 
         ps = _ps()
@@ -69,23 +79,22 @@ class _LogprobRunner:
         self.model_cfg, self.parallel_cfg = model_cfg, parallel_cfg
         self.micro_batch_size = int(micro_batch_size)
         self.logit_temperature = float(logit_temperature)
-        megatron_path = getattr(model_cfg, "megatron_path", None)
         self.hf_dir = hf_dir or model_cfg.hf_path or None
-        if megatron_path:
-            from spark_megatron.checkpoint.megatron_format import read_meta
-
-            self.hf_config = read_meta(megatron_path).hf_config
-            self.family = family_for_config(self.hf_config, str(megatron_path))
-            self.shape = self.family.shape_from_hf_dict(self.hf_config, str(megatron_path))
+        if getattr(model_cfg, "megatron_path", None) and start is None:
+            raise ValueError("model.megatron_path is set: pass the checkpoint as `start` (see roles.megatron_start)")
+        if start is not None:
+            self.hf_config = start.hf_config
+            self.family = family_for_config(self.hf_config, start.source)
+            self.shape = self.family.shape_from_hf_dict(self.hf_config, start.source)
         else:
             if not self.hf_dir:
                 raise ValueError("model.hf_path (or model.megatron_path) is required to build the model")
             self.family, self.shape = load_family(self.hf_dir)
             self.hf_config = read_hf_config(self.hf_dir)
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-        self.family.check_layout(self.shape, tp, pp)
+        self.family.check_layout(self.shape, tp, pp, self.vocab_divisible_by)
         self._stage = self.family.build_stage(self.shape, model_cfg.params_dtype, **self._build_kwargs())
-        self._load_weights(megatron_path)
+        self._load_weights(start)
         self.vocab_size = self.shape.vocab_size
         self.max_len = getattr(getattr(self.shape, "text", self.shape), "max_position_embeddings", None)
         self.vision_frozen = vl_inputs.freeze_vision(self._stage, getattr(model_cfg, "freeze_vision", False))
@@ -117,20 +126,27 @@ class _LogprobRunner:
             kw["fp8"] = self.model_cfg.fp8
         if self.model_cfg.recompute_activations:
             kw["recompute"] = True
-        if self.parallel_cfg.make_vocab_size_divisible_by != 128:
-            kw["divisible_by"] = self.parallel_cfg.make_vocab_size_divisible_by
+        if self.vocab_divisible_by != 128:
+            kw["divisible_by"] = self.vocab_divisible_by
         return kw
 
-    def _load_weights(self, megatron_path) -> None:
-        if megatron_path:
-            from spark_megatron.checkpoint.megatron_format import load_megatron_checkpoint
+    @property
+    def vocab_divisible_by(self) -> int:
+        """The vocab is padded to a multiple of this (parallel.make_vocab_size_divisible_by)."""
+        return self.parallel_cfg.make_vocab_size_divisible_by
 
-            load_megatron_checkpoint(self._stage, megatron_path)
+    def mappings(self):
+        """The HF <-> Megatron mappings of this stage (the vocab padded as the stage pads it)."""
+        return self.family.mappings(self.shape, self.vocab_divisible_by)
+
+    def _load_weights(self, start: Optional[StartCheckpoint]) -> None:
+        if start is not None:
+            start.load_into(self._stage)
             return
         from spark_megatron.models.weights import load_hf_weights
 
         # family.open_hf reads either Qwen2.5-VL naming scheme (hub, or transformers-4.52 fine-tunes)
-        load_hf_weights(self._stage, self.family.open_hf(self.hf_dir, self.shape), self.family.mappings(self.shape),
+        load_hf_weights(self._stage, self.family.open_hf(self.hf_dir, self.shape), self.mappings(),
                         tied=self.shape.tie_word_embeddings)
 
     @property
@@ -173,7 +189,7 @@ class _LogprobRunner:
 
         def plan(rows, uniform):
             return batching.plan_microbatches(seqs, rows, micro_batch_size, uniform_shape=uniform, fields=fields,
-                                              max_len=self.max_len, device=_device(),
+                                              max_len=self.max_len, device=compute_device(),
                                               min_microbatches=min_microbatches)
 
         if pp == 1 or single_call:
@@ -221,7 +237,7 @@ def share_per_token(seqs: Sequence[SequenceSample], results: list, with_entropy:
     for n in lens:
         offsets.append(offsets[-1] + n)
     width = 2 if with_entropy else 1
-    buf = torch.zeros(width, offsets[-1], dtype=torch.float32, device=_device())
+    buf = torch.zeros(width, offsets[-1], dtype=torch.float32, device=compute_device())
     contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     if contributes:
         for mb, (lp, ent) in results:
@@ -240,7 +256,7 @@ def share_per_token(seqs: Sequence[SequenceSample], results: list, with_entropy:
     return logprobs, entropy
 
 
-class Actor(_LogprobRunner):
+class Actor(LogprobRunner):
     """The trainable policy: DDP-wrapped stage, megatron Adam (distributed optimizer), cosine LR schedule.
 
     Build on every rank after `init_distributed(tp, pp)`:
@@ -252,9 +268,10 @@ class Actor(_LogprobRunner):
 
     def __init__(self, model_cfg, parallel_cfg, optim_cfg, hf_dir: Optional[str] = None, total_steps: int = 1,
                  logprob_micro_batch_size: Optional[int] = None, logit_temperature: float = 1.0,
-                 overlap_grad_reduce: bool = False, cache_images: bool = True, seed: int = 0):
+                 overlap_grad_reduce: bool = False, cache_images: bool = True, seed: int = 0,
+                 start: Optional[StartCheckpoint] = None):
         super().__init__(model_cfg, parallel_cfg, hf_dir, logprob_micro_batch_size or optim_cfg.micro_batch_size,
-                         logit_temperature, cache_images)
+                         logit_temperature, cache_images, start)
         from spark_megatron.train.optimizer import build_optimizer, build_scheduler, lr_schedule
 
         self.optim_cfg = optim_cfg
@@ -365,8 +382,8 @@ class Actor(_LogprobRunner):
         buckets = self._plan_buckets(seqs, mine, self.optim_cfg.micro_batch_size, fields,
                                      single_call=self._overlap, min_microbatches=1)
         for mb in (mb for bucket in buckets for mb in bucket):
-            mb.extras["global_token_count"] = torch.tensor(float(tokens), device=_device())
-            mb.extras["global_seq_count"] = torch.tensor(float(len(seqs)), device=_device())
+            mb.extras["global_token_count"] = torch.tensor(float(tokens), device=compute_device())
+            mb.extras["global_seq_count"] = torch.tensor(float(len(seqs)), device=compute_device())
         for c in self._ddp:
             c.zero_grad_buffer()
             c.train()
@@ -440,7 +457,7 @@ class Actor(_LogprobRunner):
         iterate it together (all-gathers inside). Fused groups (q/k/v, gate/up) come out consecutively."""
         from spark_megatron.models.weights import export_hf_weights
 
-        return export_hf_weights(self._stage, self.family.mappings(self.shape),
+        return export_hf_weights(self._stage, self.mappings(),
                                  tied=self.shape.tie_word_embeddings, dtype=dtype)
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from spark_megatron.train.schedule import MicroBatch
+from spark_megatron.parallel.schedule import MicroBatch
 
 PER_TOKEN_FIELDS = ("advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs")
 """Optional per-response-token fields of a SequenceSample, carried into the micro-batch extras by name."""

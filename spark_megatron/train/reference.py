@@ -6,11 +6,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from spark_megatron.train.actor import _LogprobRunner
+from spark_megatron.train.actor import LogprobRunner
 from spark_megatron.train.batching import SequenceSample
 
 
-class ReferenceModel(_LogprobRunner):
+class ReferenceModel(LogprobRunner):
     """Build on every rank after `init_distributed(tp, pp)`:
         ReferenceModel(model_cfg, parallel_cfg, hf_dir, micro_batch_size=..., offload=False)
     `offload=True` keeps the weights on the CPU between `compute_logprobs` calls (moved to the GPU for the call
@@ -18,8 +18,8 @@ class ReferenceModel(_LogprobRunner):
     """
 
     def __init__(self, model_cfg, parallel_cfg, hf_dir: Optional[str] = None, micro_batch_size: int = 1,
-                 offload: bool = False, logit_temperature: float = 1.0, cache_images: bool = True):
-        super().__init__(model_cfg, parallel_cfg, hf_dir, micro_batch_size, logit_temperature, cache_images)
+                 offload: bool = False, logit_temperature: float = 1.0, cache_images: bool = True, start=None):
+        super().__init__(model_cfg, parallel_cfg, hf_dir, micro_batch_size, logit_temperature, cache_images, start)
         self._stage.eval()
         for p in self._stage.parameters():
             p.requires_grad_(False)

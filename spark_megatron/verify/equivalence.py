@@ -143,11 +143,6 @@ def route(prediction: str, ground_truth: str) -> tuple:
     return None, ground_truth
 
 
-def quick_check(prediction: str, ground_truth: str) -> Optional[bool]:
-    """The decision of `route` (None when only math-verify can decide)."""
-    return route(prediction, ground_truth)[0]
-
-
 def _drop_full_stop(text: str) -> str:
     """"6." -> "6": a sentence's full stop inside the box makes math-verify fail to parse (but keep "...")."""
     s = text.strip()

@@ -80,7 +80,7 @@ def eligible(prompt: Prompt) -> bool:
 def with_format_instruction(prompt: Prompt) -> Prompt:
     """`prompt` asking for Vision-SR1's layout: FORMAT_INSTRUCTION appended to its last user text (unchanged if
     it already mentions <description>)."""
-    from spark_megatron.recycle.question import question_text  # recycle owns question extraction
+    from spark_megatron.data.question import question_text
 
     if "<description>" in question_text(prompt):
         return prompt
@@ -96,7 +96,7 @@ def with_format_instruction(prompt: Prompt) -> Prompt:
 
 def perception_prompt(prompt: Prompt, description: str) -> Prompt:
     """Text-only follow-up: the description stands in for the image(s); same ground truth, no images."""
-    from spark_megatron.recycle.question import question_text
+    from spark_megatron.data.question import question_text
 
     text = _FOLLOW_UP.format(description=description, question=question_text(prompt))
     return Prompt(uid=f"{prompt.uid}/perception", messages=[{"role": "user", "content": text}],

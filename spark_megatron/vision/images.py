@@ -44,10 +44,14 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h, w
 
 
-def load_image(path) -> "PIL.Image.Image":  # noqa: F821
-    """Open an image file as RGB; ImageInputError naming the file for anything unusable."""
+def load_image(image) -> "PIL.Image.Image":  # noqa: F821
+    """An image file (a path or an `ImageRef`) as an RGB PIL image; ImageInputError naming the file for anything
+    unusable. An already loaded PIL image passes through."""
     from PIL import Image, UnidentifiedImageError
 
+    path = getattr(image, "path", image)  # ImageRef
+    if not isinstance(path, (str, Path)):
+        return image
     p = Path(path)
     if not p.is_file():
         raise ImageInputError(f"{p}: image file not found")

@@ -436,3 +436,61 @@ def test_read_meta_rejects_damaged_metadata(tmp_path):
         read_meta(tmp_path)
     (tmp_path / "spark_meta.json").write_text(json.dumps(good))
     assert read_meta(tmp_path).padded_vocab_size == 512
+
+
+# ----------------------------------------------------------------------------------------- vocab padding divisor
+
+def _start_vs_hf(rank: int, world: int, hf_dir: str, ckpt: str, divisor: int) -> dict:
+    """A reference model started from the converted checkpoint (as the roles start one from model.megatron_path)
+    and one built from the HF weights, both padding the vocab with `divisor`: logprobs of the same tokens."""
+    from spark_megatron.config import ModelConfig, ParallelConfig
+    from spark_megatron.parallel.groups import init_distributed
+    from spark_megatron.roles import megatron_start
+    from spark_megatron.train.batching import SequenceSample
+    from spark_megatron.train.reference import ReferenceModel
+
+    init_distributed(1, 1)
+    par = ParallelConfig(make_vocab_size_divisible_by=divisor)
+    seqs = [SequenceSample(tokens=random_tokens(441, batch=1, seq_len=17, seed=s)[0].tolist(), prompt_len=3)
+            for s in (1, 2)]
+    out = {}
+    for name, model_cfg in (("hf", ModelConfig(hf_path=hf_dir)), ("megatron", ModelConfig(hf_path=hf_dir,
+                                                                                            megatron_path=ckpt))):
+        ref = ReferenceModel(model_cfg, par, hf_dir, start=megatron_start(model_cfg))
+        out[name] = ref.compute_logprobs(seqs)
+        out[f"{name}_rows"] = ref.model_chunks[0].embedding.word_embeddings.weight.shape[0]
+        del ref
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_vocab_padding_divisor_is_recorded_and_read_back(work):
+    """Converted with --make-vocab-size-divisible-by 64 (the recipe's parallel.make_vocab_size_divisible_by): the
+    checkpoint records it; export reads it back (bit-exact round trip); a trainer stage padding with 64 starts
+    from it with the HF-built model's logprobs; a recipe padding with 128 is refused before any rank starts."""
+    from spark_megatron.checkpoint.megatron_format import read_meta
+    from spark_megatron.config import ConfigError, RunConfig
+    from spark_megatron.launch.preflight import vocab_divisor
+    from spark_megatron.models.qwen2 import padded_vocab_size
+    from spark_megatron.parallel.spawn import run_on_ranks
+
+    src, ckpt, back = tiny_hf_checkpoint("untied"), work / "divisor64", work / "divisor64_back"
+    res = _run_cli("hf_to_megatron", "--hf", src, "--out", ckpt, "--make-vocab-size-divisible-by", 64,
+                   "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = read_meta(ckpt)
+    assert (meta.vocab_divisible_by, meta.padded_vocab_size) == (64, padded_vocab_size(441, 64)) == (64, 448)
+    res = _run_cli("megatron_to_hf", "--megatron", ckpt, "--out", back, "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_bit_exact(src, back)
+    (got,) = run_on_ranks(_start_vs_hf, 1, str(src), str(ckpt), 64, timeout_s=300)
+    assert got["megatron_rows"] == got["hf_rows"] == 448
+    assert all(torch.equal(a, b) for a, b in zip(got["megatron"], got["hf"]))
+    cfg = RunConfig()
+    cfg.model.megatron_path = str(ckpt)
+    with pytest.raises(ConfigError, match="pads its vocab to a multiple of 64 but parallel.make_vocab_size_"
+                                          "divisible_by is 128: set it to 64, or convert the HF checkpoint again"):
+        vocab_divisor(cfg, ckpt / "spark_meta.json")
+    cfg.parallel.make_vocab_size_divisible_by = 64
+    vocab_divisor(cfg, ckpt / "spark_meta.json")

@@ -67,7 +67,7 @@ def test_colocated_engine_death_or_hang_ends_the_job_in_one_line(fault, line):
 def test_engine_process_death_and_hang_are_one_line_errors():
     from spark_megatron.config import RolloutConfig
     from spark_megatron.rollout.engine import SamplingSpec
-    from spark_megatron.rollout.remote import RemoteEngine
+    from spark_megatron.sync.remote import RemoteEngine
     from spark_megatron.rollout.watch import EngineFailure
 
     hf_dir = str(tiny_hf_checkpoint("untied"))

@@ -46,6 +46,7 @@ def _save_worker(rank, world, hf_dir, run_dir):
 def _load_worker(rank, world, hf_dir, ckpt):
     from spark_megatron.checkpoint.train_state import load_train_state
     from spark_megatron.parallel.groups import init_distributed
+    from spark_megatron.roles import megatron_start
     from spark_megatron.train.actor import Actor
 
     out = {}
@@ -57,7 +58,9 @@ def _load_worker(rank, world, hf_dir, ckpt):
         out[f"tp{tp}"] = _continue(actor)
     model_cfg, par, optim = oracle.configs(1, 1, mbs=2)
     model_cfg.megatron_path = ckpt  # model weights straight from the trainer checkpoint, no HF directory
-    out["from_megatron_lp"] = Actor(model_cfg, par, optim, None).compute_logprobs(oracle.make_seqs(400, n=4, seed=9))
+    start = megatron_start(model_cfg)  # as the roles pass it
+    out["from_megatron_lp"] = Actor(model_cfg, par, optim, None, start=start).compute_logprobs(
+        oracle.make_seqs(400, n=4, seed=9))
     return oracle.portable(out)
 
 

@@ -88,7 +88,7 @@ def _train(hf_dir, shape) -> dict:
     from spark_megatron.models.qwen2_5_vl import mrope_position_ids
     from spark_megatron.train.actor import Actor
     from spark_megatron.train.optimizer import step_optimizer
-    from spark_megatron.train.schedule import MicroBatch, run_schedule
+    from spark_megatron.parallel.schedule import MicroBatch, run_schedule
     from spark_megatron.vision import ImagePreprocessor
 
     actor = Actor(ModelConfig(hf_path=hf_dir, params_dtype="bfloat16"), ParallelConfig(tensor_model_parallel_size=2),

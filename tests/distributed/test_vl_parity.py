@@ -44,7 +44,7 @@ def _megatron_logits(model, shape, ids, images, cache=None):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from spark_megatron.models.qwen2_5_vl import mrope_position_ids
-    from spark_megatron.train.schedule import MicroBatch, run_schedule
+    from spark_megatron.parallel.schedule import MicroBatch, run_schedule
 
     from spark_megatron.parallel.cpu_compat import compute_device
 
@@ -98,7 +98,7 @@ def _roundtrip_and_sync(model, fam, shape, reader, hf, ids, images, image_token_
 def _vision_grads(model, shape, ids, images):
     """One fwd+bwd: (vision params with nonzero grad, of all) trainable, then with freeze_vision."""
     from spark_megatron.models.qwen2_5_vl import mrope_position_ids
-    from spark_megatron.train.schedule import MicroBatch, run_schedule
+    from spark_megatron.parallel.schedule import MicroBatch, run_schedule
 
     pos = mrope_position_ids(ids, torch.tensor([i.grid_thw for i in images]), shape.image_token_id, 2)
     inputs = dict(pixel_values=torch.cat([i.pixel_values for i in images]),

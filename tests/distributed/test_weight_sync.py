@@ -100,6 +100,7 @@ def _probe(vllm, hf, prompts, seqs):
 
 def _serve_while(job, channel_port, engines, on_commit):
     """Run the actor job in a thread while this process serves the channel; job errors take precedence."""
+    from spark_megatron.sync import EngineSink
     from spark_megatron.sync.channel import SyncChannel, serve_weight_updates
 
     result = {}
@@ -114,7 +115,7 @@ def _serve_while(job, channel_port, engines, on_commit):
     t.start()
     try:
         channel = SyncChannel.connect("127.0.0.1", channel_port, 1, 2, is_master=True, timeout_s=180)
-        outcomes = serve_weight_updates(channel, engines, on_commit=on_commit)
+        outcomes = serve_weight_updates(channel, [EngineSink(e) for e in engines], on_commit=on_commit)
     except BaseException:
         t.join(timeout=300)
         if "error" in result:
@@ -131,7 +132,7 @@ def test_actor_tp2_pp2_push_into_vllm_matches_actor_and_hf(tmp_path):
     from spark_megatron.models.tiny_checkpoint import write_tiny_qwen2
     from spark_megatron.rollout.hf_engine import HFEngine
     from spark_megatron.rollout.vllm_engine import VLLMEngine
-    from spark_megatron.sync import CheckpointSource
+    from spark_megatron.sync import CheckpointSource, push_into
     from spark_megatron.types import Prompt
 
     hf_dir = write_tiny_qwen2(tmp_path / "tiny")
@@ -150,8 +151,8 @@ def test_actor_tp2_pp2_push_into_vllm_matches_actor_and_hf(tmp_path):
         for tp, pp, version, _ in LAYOUTS:
             _check_layout(f"TP{tp} PP{pp}", base, probes[version], ranks, version)
         # the original checkpoint pushed back restores vLLM's original outputs exactly
-        vllm.update_weights(CheckpointSource(hf_dir), version=3)
-        hf.update_weights(CheckpointSource(hf_dir), version=3)
+        push_into(vllm, CheckpointSource(hf_dir), version=3)
+        push_into(hf, CheckpointSource(hf_dir), version=3)
         restored = _probe(vllm, hf, prompts, seqs)
         assert all(torch.equal(a, b) for a, b in zip(restored["v_score"], base["v_score"]))
         assert restored["v_greedy"] == base["v_greedy"] and restored["version"] == 3
@@ -189,7 +190,7 @@ def _colocated_job(rank, world, hf_dir):
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.rollout.hf_engine import HFEngine
     from spark_megatron.sync import EngineSink, WeightValidationError, push_actor_weights
-    from spark_megatron.sync.push import actor_plan
+    from spark_megatron.sync import actor_plan
 
     init_distributed(1, 2)
     shape, registry, model = loaded_qwen2_stage(hf_dir)
@@ -260,7 +261,7 @@ def _remote_job(rank, world, hf_dir):
     from tests.helpers import loaded_qwen2_stage
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.rollout import SamplingSpec, token_request
-    from spark_megatron.rollout.remote import RemoteEngine
+    from spark_megatron.sync.remote import RemoteEngine
     from spark_megatron.sync import WeightValidationError, push_actor_weights
 
     init_distributed(2, 1)

@@ -28,6 +28,7 @@ def _base_pairs(scale: float = 1.0) -> list:
 def _engine_member(rank, world, port, queue):
     """Engine process `rank` of `world`: serves the channel until the actor closes it, then reports."""
     try:
+        from spark_megatron.sync import EngineSink
         from spark_megatron.sync.channel import SyncChannel, serve_weight_updates
 
         pairs = _base_pairs()
@@ -35,7 +36,7 @@ def _engine_member(rank, world, port, queue):
             pairs.append((EXTRA, torch.zeros(8, 4)))  # this engine knows one more tensor than the other
         engine = TableEngine(pairs)
         channel = SyncChannel.connect("127.0.0.1", port, rank + 1, world + 1, is_master=False, timeout_s=120)
-        outcomes = serve_weight_updates(channel, [engine], require_all=False)
+        outcomes = serve_weight_updates(channel, [EngineSink(engine, require_all=False, expected=engine.expected)])
         channel.close()
         dest = {n: t.tolist() for n, t in engine.dest.items()}  # plain data: this process exits right after
         queue.put((rank, dict(outcomes=outcomes, version=engine.policy_version, dest=dest, loaded=engine.loaded,

@@ -76,7 +76,7 @@ def _job(rank, world, hf_dir):
     from spark_megatron.parallel.groups import init_distributed
     from spark_megatron.sync import LiveBytes, push_actor_weights
     from spark_megatron.sync import reshard
-    from spark_megatron.sync.push import actor_plan
+    from spark_megatron.sync import actor_plan
     from tests.helpers import loaded_qwen2_stage
 
     init_distributed(2, 1)

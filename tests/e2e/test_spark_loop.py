@@ -4,8 +4,10 @@ on gloo, at the three rollout layouts the recipes use in small:
 (b) world 2, actor TP2, rollout TP1: two engines, the prompts split between them;
 (c) world 4, actor TP2 x PP2, rollout TP2: two engines, one per pipeline stage (blocks cross stages).
 
-Checks, every step (3 steps, recycling on): after every push every engine's logprobs of fixed sequences equal the
-actor's (each engine compares on its own ranks); the train/rollout mismatch metric of both phases stays under
+The tests drive the trainer's own `fit()` (its per-step callback records each step; a wrapper around the roles'
+push probes the engines after every push). Checks, every step (3 steps, recycling on): after every push, the
+first one (the warmed-up weights) included, every engine's logprobs of fixed sequences equal the actor's (each
+engine compares on its own ranks); the train/rollout mismatch metric of both phases stays under
 1e-4; the gathered groups hold every prompt once, in order, and each engine generated its balanced share; the
 reward period's rollouts were sampled by the policy after the policy update (the staleness fix); the engines were
 put to sleep for every update and woken weights-then-KV around every push; the loss is finite and weights moved.
@@ -36,6 +38,7 @@ def _overrides(out_dir, tp, recycle=True, steps=3, pp=1, rollout_tp=1):
 
 
 def _trainer(rank, overrides):
+    """A SparkTrainer on every rank (fit() does the rest: resume, warm-up, first push, steps)."""
     from spark_megatron.config import load_config
     from spark_megatron.controller import SparkTrainer
     from spark_megatron.launch.train_entry import prepare_model_dir
@@ -49,12 +52,7 @@ def _trainer(rank, overrides):
                      seed=cfg.seed)
     box = [hf_dir]
     dist.broadcast_object_list(box, src=0)
-    trainer = SparkTrainer(cfg, box[0])
-    trainer.state.maybe_resume()
-    trainer.roles.sleep()  # as SparkTrainer.fit
-    trainer.state.maybe_warmup(trainer.sequences)
-    trainer.roles.push_weights()
-    return trainer
+    return SparkTrainer(cfg, box[0])
 
 
 def _engine_matches_actor(trainer, probes) -> float:
@@ -67,8 +65,12 @@ def _engine_matches_actor(trainer, probes) -> float:
     return max((a.float() - e.float()).abs().max().item() for a, e in zip(actor_lp, engine_lp))
 
 
-def _record_pushes_and_rollouts(trainer, probes) -> tuple:
-    """Wrap the trainer's push (probe every engine after it) and generate (record the split) -> the logs."""
+def _record_pushes_and_rollouts(trainer, probes, start: dict) -> tuple:
+    """Wrap the trainer's push (probe every engine after it) and generate (record the split) -> the logs. After
+    the first push (the warmed-up weights, before step 1) `start` gets the parameters, the reference's distance
+    from the actor and how many engine calls were made so far."""
+    from spark_megatron.train.batching import SequenceSample
+
     roles, fleet = trainer.roles, trainer.roles.fleet
     pushes, rollouts = [], []
     push, generate = roles.push_weights, fleet.generate
@@ -76,6 +78,13 @@ def _record_pushes_and_rollouts(trainer, probes) -> tuple:
     def push_and_probe():
         push()
         pushes.append((roles.policy_version, _engine_matches_actor(trainer, probes)))
+        if not start:
+            seqs = [SequenceSample(tokens=p, prompt_len=1) for p in probes]
+            start["params"] = [p.detach().clone() for p in roles.actor.model_chunks[0].parameters()]
+            start["reference_vs_warmed_up_actor"] = max(
+                (a - r).abs().max().item()
+                for a, r in zip(roles.actor.compute_logprobs(seqs), roles.reference.compute_logprobs(seqs)))
+            start["calls"] = len(fleet.calls)
 
     def generate_and_record(prompts, sampling):
         groups = generate(prompts, sampling)
@@ -88,26 +97,23 @@ def _record_pushes_and_rollouts(trainer, probes) -> tuple:
 
 
 def loop_worker(rank, world, out_dir, tp, pp, rollout_tp):
-    from spark_megatron.train.batching import SequenceSample
-
     trainer = _trainer(rank, _overrides(out_dir, tp=tp, pp=pp, rollout_tp=rollout_tp))
     g = torch.Generator().manual_seed(0)
     probes = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (9, 14, 21)]
-    first_probe = _engine_matches_actor(trainer, probes)
-    params0 = [p.detach().clone() for p in trainer.roles.actor.model_chunks[0].parameters()]
-    seqs = [SequenceSample(tokens=p, prompt_len=1) for p in probes]
-    ref_gap = max((a - r).abs().max().item() for a, r in zip(trainer.roles.actor.compute_logprobs(seqs),
-                                                                 trainer.roles.reference.compute_logprobs(seqs)))
-    pushes, rollouts = _record_pushes_and_rollouts(trainer, probes)
-    steps = [{"reference_vs_warmed_up_actor": ref_gap, "first_probe": first_probe}]
-    for step, batch in trainer.state.batches():
-        trainer.queue.start_epoch(batch.epoch)
-        calls = len(trainer.roles.fleet.calls)
-        row = trainer.train_step(step, batch.prompts)
+    start = {}
+    pushes, rollouts = _record_pushes_and_rollouts(trainer, probes, start)
+    steps = []
+
+    def on_step(step, row):
+        calls = trainer.roles.fleet.calls
         moved = max((p.detach() - q).abs().max().item()
-                    for p, q in zip(trainer.roles.actor.model_chunks[0].parameters(), params0))
-        steps.append({"row": row, "moved": moved, "calls": trainer.roles.fleet.calls[calls:]})
-    steps[0]["memory"] = _push_memory(trainer)
+                    for p, q in zip(trainer.roles.actor.model_chunks[0].parameters(), start["params"]))
+        steps.append({"row": row, "moved": moved, "calls": calls[start["calls"]:]})
+        start["calls"] = len(calls)
+
+    trainer.fit(on_step)
+    steps.insert(0, {"reference_vs_warmed_up_actor": start["reference_vs_warmed_up_actor"],
+                     "memory": _push_memory(trainer)})
     trainer.close()
     return steps, pushes, rollouts
 
@@ -115,12 +121,12 @@ def loop_worker(rank, world, out_dir, tp, pp, rollout_tp):
 def _push_memory(trainer) -> tuple:
     """(extra bytes this rank held during one more push, its bound: bucket buffer + the largest HF tensor)."""
     from spark_megatron.sync import LiveBytes
-    from spark_megatron.sync.push import actor_plan
+    from spark_megatron.sync import actor_plan
 
     actor, tracker = trainer.roles.actor, LiveBytes()
     bucket = trainer.cfg.rollout.sync_bucket_mb << 20
-    stats = trainer.roles.fleet.push(actor, trainer.roles.policy_version, bucket, tracker=tracker)
-    largest = max(s.nbytes for s in actor_plan(actor.model_chunks, actor.family.mappings(actor.shape), bucket,
+    stats = trainer.roles.push_actor(trainer.roles.policy_version, tracker=tracker)
+    largest = max(s.nbytes for s in actor_plan(actor.model_chunks, actor.mappings(), bucket,
                                                 actor.shape.tie_word_embeddings).specs)
     return tracker.peak, stats.bucket_capacity + largest
 
@@ -152,7 +158,6 @@ def test_spark_loop_engines_track_actor(tmp_path, layout):
     assert first["reference_vs_warmed_up_actor"] <= 1e-6, first
     assert len(steps) == 3
     for rank_steps, rank_pushes, _ in per_rank:  # every engine serves the actor's weights after every push
-        assert 0 <= rank_steps[0]["first_probe"] <= TOL
         assert rank_pushes and all(0 <= d <= TOL for _, d in rank_pushes), rank_pushes
         peak, bound = rank_steps[0]["memory"]
         assert 0 < peak <= bound, (peak, bound)  # one bucket plus the largest tensor, per rank
@@ -184,7 +189,7 @@ def test_spark_loop_engines_track_actor(tmp_path, layout):
     trained_recycled = sum(s["row"].get("reward/sequences", 0) for s in steps)
     assert trained_recycled > 0, "no recycled task was trained"
     assert all(math.isfinite(s["row"]["reward/loss"]) for s in steps if "reward/loss" in s["row"])
-    assert [v for v, _ in pushes] == list(range(2, version + 1))
+    assert [v for v, _ in pushes] == list(range(1, version + 1))  # the warmed-up weights, then every update
     for sent, got, shares in rollouts:  # data-parallel generation: every prompt once, in order, balanced
         assert got == sent and len(shares) == engines
         assert [u for share in shares for u in share] == sent
@@ -195,8 +200,7 @@ def one_step_worker(rank, world, out_dir, recycle):
     # constant LR: the cosine schedule's length counts reward-period optimizer steps, which is a real difference
     constant_lr = ["optim.min_lr_ratio=1.0", "optim.warmup_ratio=0"]
     trainer = _trainer(rank, _overrides(out_dir, tp=1, recycle=recycle, steps=1) + constant_lr)
-    step, batch = next(trainer.state.batches())
-    row = trainer.train_step(step, batch.prompts)
+    row = trainer.fit()
     trainer.close()
     return row
 

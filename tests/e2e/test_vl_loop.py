@@ -1,7 +1,7 @@
 """SPARK-VL end to end on CPU: a tiny random Qwen2.5-VL, the Megatron VL actor at TP2 on real gloo ranks, HF
 transformers rollouts on the synthetic image task (vLLM's Qwen2.5-VL needs a CUDA torchvision, see roles.py).
 
-After the warm-up and after every step:
+The test drives the trainer's own `fit()`. After the warm-up (the first push) and after every step:
 - the rollout engine's parameters equal the actor's exported HF weights bit for bit (vision tower included);
 - fresh image rollouts, re-scored by the actor, give the engine's own sampling logprobs (the engine's HF
   generate with its image pipeline and mRoPE decoding vs the Megatron actor's prepared images and 3-D positions);
@@ -59,7 +59,7 @@ def _weights_match_engine(trainer) -> bool:
     from spark_megatron.models.weights import export_hf_weights
 
     actor = trainer.roles.actor
-    registry = actor.family.mappings(actor.shape)
+    registry = actor.mappings()
     engine = trainer.roles.engine
     live = engine.named_checkpoint_tensors() if engine is not None else None
     ok, seen = True, set()
@@ -106,18 +106,24 @@ def vl_loop_worker(rank, world, out_dir):
         return seqs
 
     trainer.sequences.build = recording_build
-    trainer.state.maybe_warmup(trainer.sequences)
-    trainer.roles.push_weights()
     probe = trainer.state.prompts[:2]
-    out = [{"synced": _weights_match_engine(trainer), "gap": _rollout_logprob_gap(trainer, probe)}]
-    params0 = [p.detach().clone() for p in trainer.roles.actor.model_chunks[0].parameters()]
-    for step, batch in trainer.state.batches():
-        trainer.queue.start_epoch(batch.epoch)
-        row = trainer.train_step(step, batch.prompts)
+    out, push = [], trainer.roles.push_weights
+
+    def first_push():  # the warmed-up weights, before step 1 (later pushes are checked after each step)
+        push()
+        if not out:
+            out.append({"synced": _weights_match_engine(trainer), "gap": _rollout_logprob_gap(trainer, probe),
+                        "params": [p.detach().clone() for p in trainer.roles.actor.model_chunks[0].parameters()]})
+
+    def on_step(step, row):
         moved = max((p.detach() - q).abs().max().item()
-                    for p, q in zip(trainer.roles.actor.model_chunks[0].parameters(), params0))
+                    for p, q in zip(trainer.roles.actor.model_chunks[0].parameters(), out[0]["params"]))
         out.append({"row": row, "moved": moved, "synced": _weights_match_engine(trainer),
                     "gap": _rollout_logprob_gap(trainer, probe)})
+
+    trainer.roles.push_weights = first_push
+    trainer.fit(on_step)
+    del out[0]["params"]
     out.append({"built": built, "encoded": trainer.roles.actor.image_cache.images_encoded,
                 "sr1": _perception_follow_up(trainer, probe[0])})
     trainer.close()

@@ -118,21 +118,21 @@ def _corrupt(kind: str, sd: dict) -> str:
 
 @pytest.mark.parametrize("kind", ["unknown", "shape", "dtype", "missing_fused_member"])
 def test_bad_update_is_rejected_before_writing_and_engine_output_is_unchanged(engines, kind):
-    from spark_megatron.sync import CheckpointSource, WeightValidationError
+    from spark_megatron.sync import CheckpointSource, WeightValidationError, push_into
 
     vllm, _, hf_dir = engines
     sd = {n: t.clone() * 0.5 for n, t in CheckpointSource(hf_dir)}  # would change outputs if written
     name = _corrupt(kind, sd)
     before, version = vllm.score(SEQS), vllm.policy_version
     with pytest.raises(WeightValidationError, match=f"'{name}'"):
-        vllm.update_weights(sd, version=version + 1)
+        push_into(vllm, sd, version=version + 1)
     assert vllm.policy_version == version
     assert all(torch.equal(a, b) for a, b in zip(before, vllm.score(SEQS)))
 
 
 def test_push_failing_midway_marks_engine_stale_until_a_full_push(engines):
     from spark_megatron.rollout import EngineStateError, SamplingSpec
-    from spark_megatron.sync import CheckpointSource, PairsSource, WeightSyncError
+    from spark_megatron.sync import CheckpointSource, PairsSource, WeightSyncError, push_into
 
     vllm, _, hf_dir = engines
     before = vllm.score(SEQS)
@@ -144,10 +144,10 @@ def test_push_failing_midway_marks_engine_stale_until_a_full_push(engines):
                 yield n, (t * 0 if i < len(self.pairs) - 1 else t[:1])
 
     with pytest.raises(WeightSyncError):
-        vllm.update_weights(BreaksAtTheEnd(sd), version=50, bucket_bytes=256 << 10)
+        push_into(vllm, BreaksAtTheEnd(sd), version=50, bucket_bytes=256 << 10)
     with pytest.raises(EngineStateError, match="push a complete set"):
         vllm.generate(_prompts(1), SamplingSpec(n=1, temperature=0.0, max_tokens=4))
-    vllm.update_weights(CheckpointSource(hf_dir), version=51)
+    push_into(vllm, CheckpointSource(hf_dir), version=51)
     assert vllm.policy_version == 51
     assert all(torch.equal(a, b) for a, b in zip(before, vllm.score(SEQS)))
 

@@ -149,7 +149,7 @@ def test_push_source_delivers_every_tensor_bit_exactly_in_whole_modules():
     pairs = _tensors(_model_specs())
     eng = TableEngine(pairs)
     tracker = LiveBytes()
-    stats = push_source([EngineSink(eng)], pairs, version=7, bucket_bytes=3000, tracker=tracker)
+    stats = push_source([EngineSink(eng, expected=eng.expected)], pairs, version=7, bucket_bytes=3000, tracker=tracker)
     assert eng.policy_version == 7 and stats.buckets == len(eng.loaded) > 3
     assert all(torch.equal(eng.dest[n], t) for n, t in pairs)
     for names in eng.loaded:
@@ -171,7 +171,7 @@ def test_source_that_lies_midway_aborts_and_marks_the_engine_stale():
                 yield (n, t[:1] if i == len(self.pairs) - 1 else t)
 
     with pytest.raises(WeightSyncError, match="lm_head.weight"):
-        push_source([EngineSink(eng)], Lying(pairs), version=1, bucket_bytes=3000)
+        push_source([EngineSink(eng, expected=eng.expected)], Lying(pairs), version=1, bucket_bytes=3000)
     assert eng.policy_version == 0 and eng.stale and "lm_head.weight" in eng.stale
 
 
@@ -232,7 +232,7 @@ def test_push_holds_one_bucket_not_a_model_copy():
     largest = max(s.nbytes for s in src.specs())
     bucket_bytes = 4 << 20
     tracker = LiveBytes()
-    push = lambda v: push_source([EngineSink(eng)], src, version=v, bucket_bytes=bucket_bytes,  # noqa: E731
+    push = lambda v: push_source([EngineSink(eng, expected=eng.expected)], src, version=v, bucket_bytes=bucket_bytes,  # noqa: E731
                                  tracker=tracker)
     first = _peak_extra_rss(lambda: push(1))
     steady = _peak_extra_rss(lambda: push(2))
@@ -341,7 +341,7 @@ def test_bucket_buffers_are_reused_across_pushes_and_released():
     eng.load_bucket = load
     for version in (1, 2):
         tracker = LiveBytes()
-        stats = push_source([EngineSink(eng)], pairs, version=version, bucket_bytes=3000, tracker=tracker)
+        stats = push_source([EngineSink(eng, expected=eng.expected)], pairs, version=version, bucket_bytes=3000, tracker=tracker)
         assert tracker.live == 0 and tracker.peak >= stats.bucket_capacity
     half = len(ptrs) // 2
     assert ptrs[:half] == ptrs[half:]

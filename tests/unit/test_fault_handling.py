@@ -227,7 +227,7 @@ def _state(tmp_path, run_id="r1"):
     return state
 
 
-def test_resume_falls_back_past_a_checkpoint_that_raises_anything(tmp_path, monkeypatch, capsys):
+def test_resume_falls_back_past_a_checkpoint_that_raises_anything(tmp_path, monkeypatch, caplog):
     import random
 
     from torch.distributed.checkpoint.api import CheckpointException
@@ -253,7 +253,7 @@ def test_resume_falls_back_past_a_checkpoint_that_raises_anything(tmp_path, monk
     state = _state(tmp_path)
     assert state._resume() == root / "step_000001"
     assert tried == ["step_000003", "step_000002", "step_000001"]  # newest first; another run's never
-    out = capsys.readouterr().out.splitlines()
+    out = [r.getMessage() for r in caplog.records if r.name == "spark_megatron.run_state"]
     assert out[0] == (f"[resume] checkpoint {root / 'step_000003'} does not load (CheckpointException: "
                       "CheckpointException ranks:dict_keys([0])); falling back to: step_000002")
     assert state.step == 1 and state.roles.policy_version == 6  # the first push re-publishes version 7
@@ -305,7 +305,8 @@ def test_resumed_metrics_have_no_duplicate_steps(tmp_path, monkeypatch):
     calls = []
     fake = types.SimpleNamespace(
         init=lambda **kw: calls.append(("init", kw["id"], kw["resume"])) or types.SimpleNamespace(
-            log=lambda m, step: calls.append(("log", step)), finish=lambda: None))
+            id=kw["id"], log=lambda m, step: calls.append(("log", step)), finish=lambda: None),
+        Settings=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = LoggingConfig(wandb_project="p", tensorboard=True)
     first = MetricsLogger(cfg, tmp_path, run_id="abc")

