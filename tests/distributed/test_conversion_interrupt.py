@@ -24,10 +24,17 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 
+def _interruptible() -> None:
+    """SIGINT back to its default in the converter: a shell starts background jobs (a CI runner may run the suite
+    as one) with SIGINT ignored, which every child inherits, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "conversion" / "hf_to_megatron.py"), "--hf",
                              str(tiny_hf_checkpoint("untied")), "--out", str(out), "--tp", "2", "--no-progress"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
 
 
 def _wait_for(pred, what: str, timeout: float = 300) -> None:
