@@ -6,7 +6,8 @@ training's judge prompts, macro averages (Avg-M, Avg-R, Avg-All) and, with --sel
 final accuracy of the judge-then-retry loop. DIR: an HF checkpoint, a Megatron checkpoint (exported on the fly)
 or a training run directory (its newest complete checkpoint).
 
-Writes OUT/items.jsonl (one row per item), OUT/summary.json, OUT/table.md. Re-running with the same OUT
+Writes OUT/items.jsonl (one row per item), OUT/summary.json, OUT/table.md, and each rank's log (vLLM's lines
+included) to OUT/logs/rank<N>.log. Re-running with the same OUT
 continues where a killed run stopped; a different suite or model in OUT is refused unless --force.
 
 Several engines: engine.data_parallel_size engines of engine.tensor_parallel_size ranks each (the training's
@@ -16,8 +17,10 @@ rollout layout) split every batch; the job's ranks are spawned here (gloo on CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 
@@ -92,10 +95,31 @@ def _evaluate(args, suite, **kwargs) -> dict:
                     export_workers=args.export_workers, **kwargs)
 
 
+@contextlib.contextmanager
+def _rank_logging(rank: int, output: str):
+    """The trainer's logging for an evaluation rank (logs.py): vLLM's INFO lines and the known-harmless warnings
+    go to OUT/logs/rank<N>.log, rank 0's console keeps the progress bar and our lines; other ranks write nothing
+    to the console."""
+    import torch  # noqa: F401 - before logs.configure, which takes over torch's own log handler
+
+    from spark_megatron import logs
+
+    undo = logs.configure(rank, Path(output) / "logs" / f"rank{rank}.log")
+    try:
+        yield
+    finally:
+        undo()
+
+
 def rank_main(rank: int, world: int, args: argparse.Namespace, suite) -> dict:
     """One rank of an evaluation job: rank 0 evaluates over every rank's engine part, the others follow.
     `suite`: the resolved suite (rank 0 uses it). A user error on rank 0 stops the followers and leaves as one
     line (RunAbort)."""
+    with _rank_logging(rank, args.output):
+        return _rank_body(rank, args, suite)
+
+
+def _rank_body(rank: int, args: argparse.Namespace, suite) -> dict:
     from spark_megatron.eval.ranks import FleetGenerator, follow, init_job
     from spark_megatron.launch.preflight import RunAbort
 
@@ -128,7 +152,8 @@ def run_job(args) -> Optional[dict]:
         result = rank_main(rank, world, args, suite)
         return result if rank == 0 else None
     if world == 1:
-        return {"summary": _evaluate(args, suite), "engines": None}
+        with _rank_logging(0, args.output):
+            return {"summary": _evaluate(args, suite), "engines": None}
     from spark_megatron.parallel.spawn import run_on_ranks
 
     return run_on_ranks(rank_main, world, args, suite, timeout_s=7 * 24 * 3600)[0]
@@ -147,8 +172,6 @@ def main(argv=None) -> int:
         return code
     if result is None:
         return 0
-    from pathlib import Path
-
     print((Path(args.output) / "table.md").read_text(), end="")
     avg = result["summary"]["averages"]
     print("averages: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in avg.items() if v is not None))

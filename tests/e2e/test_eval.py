@@ -163,6 +163,12 @@ datasets:
     first, second, batches = map(int, ENGINES.search(res.stdout).groups())
     assert first + second == served and second > 0 and 0 <= first - second <= batches  # engine 0 takes odd ones
     assert not list(out2.glob("spark_eval_hf_*"))  # the export rank 0 served from is gone
+    # the console has our lines; vLLM's (engine build, every batch's INFO lines) went to the ranks' log files
+    vllm_lines = re.compile(r"\b(?:INFO|WARNING|DEBUG) \d\d-\d\d \d\d:\d\d:\d\d \[")
+    console = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert not [line for line in console if vllm_lines.search(line)], console
+    logs = [(out2 / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert all(" INFO vllm" in log for log in logs), [log[-500:] for log in logs]
 
 
 def _vl_data(tmp_path, n: int) -> str:
