@@ -41,6 +41,7 @@ def baseline_pass(hf_dir: Path, scratch: Path, durable: bool = False) -> float:
 
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
+    os.sync()  # every timed phase starts with the disk idle (see conversion_pass)
     t0 = time.perf_counter()
     for f in sorted(hf_dir.glob("*.safetensors")):
         out = scratch / f.name
@@ -78,12 +79,18 @@ def conversion_pass(hf: Path, root: Path, args) -> dict:
 
     for p in (root / "mg", root / "back"):
         shutil.rmtree(p, ignore_errors=True)
+    # Each timed phase starts with the disk idle: otherwise a phase pays for the writeback of the one before it
+    # (the import's freshly fsynced 5 GB, a deleted tree's freed extents), which on this VM's disk moved the
+    # single-worker VL-32B export between 3 and 11 s from run to run.
+    os.sync()
     t0 = time.perf_counter()
     imp = convert_hf_to_megatron(hf, root / "mg", tp=args.tp, pp=args.pp, progress=False)
     t1 = time.perf_counter()
-    exp = export_megatron_to_hf(root / "mg", root / "back", workers=args.workers, progress=False)
+    os.sync()
     t2 = time.perf_counter()
-    return {"imp": imp, "exp": exp, "imp_wall": t1 - t0, "exp_wall": t2 - t1,
+    exp = export_megatron_to_hf(root / "mg", root / "back", workers=args.workers, progress=False)
+    t3 = time.perf_counter()
+    return {"imp": imp, "exp": exp, "imp_wall": t1 - t0, "exp_wall": t3 - t2,
             "imp_work": max(r["build_s"] + r["write_s"] for r in imp),
             "exp_work": max(r["plan_s"] + r["write_s"] for r in exp)}
 
