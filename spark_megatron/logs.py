@@ -14,6 +14,7 @@ vLLM configures its own console handler unless VLLM_CONFIGURE_LOGGING=0, and tor
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -128,6 +129,19 @@ def configure(rank: int = 0, log_file: Optional[Path] = None, console: Optional[
         saved["fds"] = _redirect_output(Path(log_file))
     _INSTALLED.append(saved)
     return undo
+
+
+@contextlib.contextmanager
+def rank_logging(rank: int, log_file: Path):
+    """`configure(rank, log_file)` for the body of one rank of a job, undone on the way out. torch is imported
+    first: it installs a log handler of its own when imported, which `configure` takes over."""
+    import torch  # noqa: F401
+
+    undo_logging = configure(rank, log_file)
+    try:
+        yield
+    finally:
+        undo_logging()
 
 
 def undo() -> None:

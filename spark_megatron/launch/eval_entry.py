@@ -17,7 +17,6 @@ rollout layout) split every batch; the job's ranks are spawned here (gloo on CPU
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -95,20 +94,13 @@ def _evaluate(args, suite, **kwargs) -> dict:
                     export_workers=args.export_workers, **kwargs)
 
 
-@contextlib.contextmanager
 def _rank_logging(rank: int, output: str):
     """The trainer's logging for an evaluation rank (logs.py): vLLM's INFO lines and the known-harmless warnings
     go to OUT/logs/rank<N>.log, rank 0's console keeps the progress bar and our lines; other ranks write nothing
     to the console."""
-    import torch  # noqa: F401 - before logs.configure, which takes over torch's own log handler
-
     from spark_megatron import logs
 
-    undo = logs.configure(rank, Path(output) / "logs" / f"rank{rank}.log")
-    try:
-        yield
-    finally:
-        undo()
+    return logs.rank_logging(rank, Path(output) / "logs" / f"rank{rank}.log")
 
 
 def rank_main(rank: int, world: int, args: argparse.Namespace, suite) -> dict:

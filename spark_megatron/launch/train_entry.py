@@ -127,25 +127,21 @@ def rank_main(rank: int, world: int, cfg_dict: dict, hf_dir: str) -> dict:
     """Body of one rank: init parallel state, run the trainer, return the last metrics row. The rank's log (all
     libraries; rank 0 also shows its part on the console, see logs.py) and a failure's traceback go to
     <output_dir>/logs/rank<N>.log; an error the user can act on is re-raised as a one-line RunAbort."""
-    import torch  # noqa: F401 - before logs.configure, which takes over torch's own log handler
-
     from spark_megatron import logs
     from spark_megatron.config import build_dataclass
 
     cfg = build_dataclass(RunConfig, cfg_dict)
     log_path = Path(cfg.output_dir) / "logs" / f"rank{rank}.log"
-    undo_logging = logs.configure(rank, log_path)
-    try:
-        return _train(cfg, hf_dir)
-    except BaseException as e:
-        with open(log_path, "a") as f:
-            f.write(traceback.format_exc())
-        abort = _as_abort(e)
-        if abort is not None:
-            raise abort from None
-        raise
-    finally:
-        undo_logging()
+    with logs.rank_logging(rank, log_path):
+        try:
+            return _train(cfg, hf_dir)
+        except BaseException as e:
+            with open(log_path, "a") as f:
+                f.write(traceback.format_exc())
+            abort = _as_abort(e)
+            if abort is not None:
+                raise abort from None
+            raise
 
 
 def _train(cfg: RunConfig, hf_dir: str) -> dict:
